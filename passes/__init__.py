@@ -1,0 +1,1 @@
+"""Graph passes: capture, find_blocks, streams, insert_routes."""

@@ -1,0 +1,305 @@
+"""capture: trace an `nn.Module` into an fx graph with its blocks kept as leaf modules.
+
+Precondition: none (runs on any module). Ensures: a `GraphModule` whose `call_module` nodes
+point at the ORIGINAL leaf modules (parameters shared, shape-agnostic), placeholders for the
+tensor leaves of the example call only (non-tensor arguments are bound as constants), an output
+that is the flat tuple of tensor leaves of the model's output, and `node.meta['routefx']['spec']`
+holding the shape/dtype of every traced value.
+
+The tracer is a "shadow" tracer: beside every proxy it carries the concrete value computed on the
+example inputs. Python code that needs a concrete value (`int(x.shape[1] ** 0.5)`, `len`,
+`if`/`assert` on shapes) gets it, and a guard node is inserted that re-checks the value at run
+time. Data-dependent control flow (a Python branch on tensor values) is refused.
+"""
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.proxy import Attribute
+
+from routefx._tree import TensorSlot, flatten
+from routefx.errors import INSPECT_HINT, CaptureError
+from routefx.ops import check_guard
+
+__all__ = ["Captured", "capture", "TensorSpec", "user_frame"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)
+_INTERNAL = (_TORCH_DIR, os.path.dirname(contextlib.__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a traced tensor value."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class Captured:
+    """Result of `capture`: the graph plus what is needed to call it and to analyse it."""
+
+    gm: fx.GraphModule
+    rebuild_output: Callable[[list], Any]
+    input_skeleton: Any
+    values: dict  # fx.Node -> concrete value on the example inputs (dropped after apply)
+    guards: list  # (node, kind, value, where)
+    leaves: set
+
+
+def user_frame(tb=None) -> str:
+    """`file:line in fn: code` of the innermost frame outside torch and routefx internals."""
+    frames = traceback.extract_tb(tb) if tb is not None else traceback.extract_stack()
+    for fr in reversed(frames):
+        path = os.path.abspath(fr.filename)
+        internal = path.startswith(_INTERNAL) or any(
+            path.startswith(os.path.join(d, sub)) for d in _OUR_DIRS for sub in ("routefx", "passes"))
+        if not internal:
+            return f"{fr.filename}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`"
+    return "<unknown location>"
+
+
+class ShadowProxy(fx.Proxy):
+    """A proxy that can answer `len`, `int`, `float`, `bool` from its concrete shadow value."""
+
+    def __getattr__(self, k: str):
+        return ShadowAttribute(self, k)
+
+    def __len__(self):
+        return self.tracer.concretize(self, "len")
+
+    def __int__(self):
+        return self.tracer.concretize(self, "int")
+
+    def __float__(self):
+        return self.tracer.concretize(self, "float")
+
+    def __iter__(self):
+        n = self.tracer.concretize(self, "len")
+        return (self[i] for i in range(n))
+
+
+class ShadowAttribute(Attribute, ShadowProxy):
+    """`proxy.attr`, created lazily like fx's `Attribute`, with shadow powers."""
+
+
+def _map(obj, fn):
+    return fx.node.map_aggregate(obj, lambda a: fn(a) if isinstance(a, fx.Proxy) else a)
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_spec(v) for v in value) if not hasattr(value, "_fields") else tuple(
+            _spec(v) for v in value)
+    return value if isinstance(value, (int, float, bool, str, type(None), torch.Size)) else type(value)
+
+
+class ShadowTracer(fx.Tracer):
+    """fx tracer that keeps `leaves` as leaf modules and shadows every proxy with a value."""
+
+    def __init__(self, leaves: set, autowrap_functions=()):
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        self.leaves = leaves
+        self.values: dict = {}
+        self.guards: list = []
+        self._inputs: list = []
+
+    # -- fx hooks ------------------------------------------------------------------------
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node):
+        return ShadowProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind != "placeholder":
+            self.values[proxy.node] = self._run(kind, target, args, kwargs)
+        return proxy
+
+    def to_bool(self, obj):
+        return self.concretize(obj, "bool")
+
+    def iter(self, obj):
+        return iter(ShadowProxy.__iter__(obj))
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        proxies = []
+        for name, value in self._inputs:
+            p = self.create_proxy("placeholder", name, (), {})
+            self.values[p.node] = value
+            proxies.append(p)
+
+        def fn(root, *ph):
+            args, kwargs = self._rebuild_inputs(list(ph))
+            leaves, self.out_skeleton, self.rebuild_output = flatten(
+                root_fn(root, *args, **kwargs), is_leaf=lambda x: isinstance(x, (torch.Tensor, fx.Proxy)))
+            return tuple(leaves)
+
+        return fn, [self.root, *proxies]
+
+    # -- shadow values -------------------------------------------------------------------
+    def value_of(self, p):
+        if isinstance(p, Attribute) and p._node is None:
+            return getattr(self.value_of(p.root), p.attr)
+        return self.values[p.node]
+
+    def _run(self, kind, target, args, kwargs):
+        cargs, ckwargs = _map(args, self.value_of), _map(kwargs, self.value_of)
+        with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad():
+            if kind == "call_function":
+                return target(*cargs, **ckwargs)
+            if kind == "call_method":
+                return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*cargs, **ckwargs)
+            if kind == "get_attr":
+                return _fetch_attr(self.root, target)
+        return None
+
+    def concretize(self, proxy, kind):
+        value = self.value_of(proxy)
+        where = user_frame()
+        if isinstance(value, torch.Tensor) and kind != "len":
+            raise CaptureError(
+                f"Data-dependent control flow at {where}: Python needs a concrete {kind} of a tensor's "
+                f"VALUES, which differ every step, so no graph can stand for it. Fix: make the module "
+                f"containing this line a leaf (routefx.apply(..., leaf_modules=['its.name'])). {INSPECT_HINT}")
+        result = {"len": len, "int": int, "float": float, "bool": bool}[kind](value)
+        if not any(g[0] is proxy.node and g[1] == kind for g in self.guards):
+            self.guards.append((proxy.node, kind, result, where))
+        return result
+
+
+@contextlib.contextmanager
+def _not_tracing():
+    prev = fx._symbolic_trace._get_is_fx_tracing()
+    fx._symbolic_trace._set_is_fx_tracing(False)
+    try:
+        yield
+    finally:
+        fx._symbolic_trace._set_is_fx_tracing(prev)
+
+
+def _fetch_attr(root, target: str):
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _einops_functions():
+    try:
+        import einops
+    except ImportError:
+        return []
+    names = ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack")
+    return [(mod, n) for mod in (einops, getattr(einops, "einops", einops)) for n in names if hasattr(mod, n)]
+
+
+@contextlib.contextmanager
+def _wrap_module_functions(tracer: ShadowTracer, targets):
+    """Record calls like `einops.rearrange(proxy, ...)` as graph nodes during tracing."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
+
+    def wrapper_for(fn):
+        def wrapped(*args, **kwargs):
+            found = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else a)
+            if found:
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    try:
+        for mod, name, fn in saved:
+            setattr(mod, name, wrapper_for(fn))
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def _input_names(model, args, kwargs, n_leaves: int) -> list:
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        items = list(bound.arguments.items())
+    except (TypeError, ValueError):
+        items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    names = []
+    for name, value in items:
+        leaves = flatten(value)[0]
+        names += [name if len(leaves) == 1 else f"{name}_{i}" for i in range(len(leaves))]
+    if len(names) != n_leaves:  # *args / **kwargs shapes we could not name: fall back
+        names = [f"input_{i}" for i in range(n_leaves)]
+    return [n if n.isidentifier() else f"input_{i}" for i, n in enumerate(names)]
+
+
+def input_skeleton(args, kwargs, keep_batch: bool = False):
+    """Hashable-ish description of a call: structure, constants, tensor ndim/dtype/shape."""
+    def slot(t):
+        shape = tuple(t.shape) if keep_batch else tuple(t.shape[1:])
+        return TensorSlot(t.dim(), t.dtype, shape)
+    return flatten((args, kwargs), slot=slot)[1]
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
+            keep_batch: bool = False) -> Captured:
+    """Trace `model(*args, **kwargs)` keeping the modules named in `leaves` as leaves.
+
+    Args:
+        model: the module to trace; it is not modified.
+        args, kwargs: one real call; tensors become graph inputs, everything else a constant.
+        leaves: qualified names of modules to keep as `call_module` nodes.
+        keep_batch: put the batch size into the input skeleton (re-trace per batch size).
+    Returns:
+        A `Captured` with the GraphModule and its call conventions.
+    """
+    tensors, _, rebuild_inputs = flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))
+    if not tensors:
+        raise CaptureError("The model was called without any tensor argument; routefx needs the "
+                           "token-producing input (e.g. the image latents) as a tensor.")
+    tensors = [t.detach().clone() for t in tensors]  # tracing must never mutate the user's batch
+    tracer = ShadowTracer(leaves, autowrap_functions=[getattr(m, n) for m, n in _einops_functions()])
+    tracer._inputs = list(zip(_input_names(model, args, kwargs, len(tensors)), tensors))
+
+    def rebuild(ph):
+        a, kw = rebuild_inputs(ph)
+        return a, kw
+    tracer._rebuild_inputs = rebuild
+    try:
+        with _wrap_module_functions(tracer, _einops_functions()), torch.enable_grad():
+            graph = tracer.trace(model)
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any tracing failure gets a located explanation
+        where = user_frame(e.__traceback__)
+        scope = next(reversed(tracer.module_stack.values()), ("<root>",))[0] if tracer.module_stack else "<root>"
+        raise CaptureError(
+            f"Could not trace {type(model).__name__} at {where} (inside module '{scope or '<root>'}'): "
+            f"{type(e).__name__}: {e}. Fix: keep that module out of the trace with "
+            f"routefx.apply(..., leaf_modules=['{scope}']), or name the block modules explicitly with "
+            f"blocks=[...]. {INSPECT_HINT}") from e
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Captured")
+    for node in gm.graph.nodes:
+        node.meta.setdefault("routefx", {})["spec"] = _spec(tracer.values.get(node))
+    _insert_guards(gm.graph, tracer.guards)
+    return Captured(gm, tracer.rebuild_output, input_skeleton(args, kwargs, keep_batch),
+                    tracer.values, tracer.guards, leaves)
+
+
+def _insert_guards(graph: fx.Graph, guards: list) -> None:
+    for node, kind, value, where in guards:
+        with graph.inserting_after(node):
+            g = graph.call_function(check_guard, (node, kind, value, where))
+        g.meta["routefx"] = {"guard": where, "guarded": node}

@@ -1,0 +1,206 @@
+"""insert_routes: rewrite the graph so each route runs its blocks on the kept tokens only.
+
+Needs `find_chain` (`meta['routefx']['block']`) and `analyze_streams`
+(`meta['routefx']['token']`). For route `i` over blocks `s..e` the span region is block `s`,
+every node that depends on block `s` and feeds block `e`, and block `e` (plus tuple element
+picks). The pass inserts, in the graph:
+
+* `routefx_route_i(x)` right before block `s`: draws the per-sample kept indices (a
+  `RouteSelector`), from the block's first routed-stream argument;
+* `gather_tokens(u, ids)` for every routed-stream or `(1, N, ...)` tensor that ENTERS the region;
+* `scatter_tokens(base, ids, v)` for every routed-stream tensor that LEAVES the region, where
+  `base` is the route-start value of the stream `v` continues (block outputs continue their
+  inputs position by position; a block with one routed output continues its first routed input).
+
+The route's indices are appended to the graph outputs. Anything ambiguous is a `RouteError`
+naming the node. Lint and recompile are left to the caller (once, at the end).
+"""
+import dataclasses
+import operator
+
+import torch.fx as fx
+
+from routefx.errors import INSPECT_HINT, RouteError
+from routefx.ops import RouteSelector, gather_tokens, scatter_tokens
+from .find_blocks import dataflow_graph
+from .streams import flat_inputs, span_region, token_kind
+
+__all__ = ["RoutePlan", "insert_routes"]
+
+
+@dataclasses.dataclass
+class RoutePlan:
+    """What one route does to the graph: the crossing report."""
+
+    index: int
+    route: object
+    blocks: list
+    num_tokens: int
+    protect: int
+    num_kept: int
+    gathered: list = dataclasses.field(default_factory=list)   # dicts: tensor, shape, kind, into
+    scattered: list = dataclasses.field(default_factory=list)  # dicts: tensor, shape, base
+    passed: list = dataclasses.field(default_factory=list)     # dicts: tensor, shape
+
+
+def _shape(node):
+    return tuple(getattr(node.meta.get("routefx", {}).get("spec"), "shape", ()) or ())
+
+
+def _label(node):
+    return node.meta.get("routefx", {}).get("token", False)
+
+
+def _where(node):
+    return f"'{node.name}' ({node.format_node()})"
+
+
+def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control) -> list:
+    """Insert every route (sorted, non-overlapping, resolved) into `gm.graph`; return the plans."""
+    plans, selectors = [], []
+    for i, route in enumerate(routes):
+        plan, sel = _insert_one(gm, chain, streams, i, route, control)
+        plans.append(plan)
+        selectors.append(sel)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(out.args[0]) + tuple(selectors),)
+    return plans
+
+
+def _check_route(chain, streams, i, route):
+    s, e = route.start, route.end
+    if streams.failed_at is not None and streams.failed_at[0] <= e:
+        b, err = streams.failed_at
+        raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
+                         f"fails when it gets fewer tokens than it was traced with ({type(err).__name__}: {err}). "
+                         f"It probably reshapes tokens to the image grid; end the route before block {b}.") from err
+    n = streams.num_tokens - streams.protect
+    if route.num_kept(n) <= 0:
+        raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
+
+
+def _insert_one(gm, chain, streams, i, route, control):
+    _check_route(chain, streams, i, route)
+    graph = gm.graph
+    g = dataflow_graph(graph)
+    first, last = chain.nodes[route.start], chain.nodes[route.end]
+    region = span_region(g, first, last)
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    _refuse_guards(region, i, route)
+    n = streams.num_tokens - streams.protect
+    plan = RoutePlan(i, route, chain.names[route.start: route.end + 1], streams.num_tokens,
+                     streams.protect, streams.protect + route.num_kept(n))
+
+    entering = _entering(region, order, streams, plan)
+    primary = next((u for u in flat_inputs(first) if u in entering and token_kind(u, streams) == "token"), None)
+    if primary is None:
+        raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'). "
+                         f"{INSPECT_HINT}")
+    name = f"routefx_route_{i}"
+    gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control))
+    with graph.inserting_before(first):
+        sel = graph.call_module(name, (primary,))
+    sel.meta["routefx"] = {"selector": i, "token": False}
+
+    gathered = {}
+    for u, users in entering.items():
+        with graph.inserting_before(users[0]):
+            node = graph.call_function(gather_tokens, (u, sel))
+        node.meta["routefx"] = {"token": True, "gather_of": u, "route": i, "spec": None}
+        gathered[node] = u
+        for v in users:
+            v.replace_input_with(u, node)
+    _scatter_leaving(graph, region, order, gathered, sel, plan)
+    return plan, sel
+
+
+def _refuse_guards(region, i, route):
+    for node in region:
+        for user in node.users:
+            where = user.meta.get("routefx", {}).get("guard")
+            if where and user.meta["routefx"]["guarded"] in region:
+                raise RouteError(f"Route {i} ({route.start}..{route.end}): code inside the span turns a value "
+                                 f"that depends on the token count into a Python constant at {where}. A route "
+                                 f"cannot span that point (the count changes under routing); end the route "
+                                 f"before it or start it after it.")
+
+
+def _entering(region, order, streams, plan) -> dict:
+    entering = {}
+    for v in sorted(region, key=order.get):
+        for u in dict.fromkeys(v.all_input_nodes):
+            if u in region:
+                continue
+            kind = token_kind(u, streams)
+            if kind == "table":
+                raise RouteError(f"Route {plan.index}: the unbatched tensor {_where(u)} of shape {_shape(u)} "
+                                 f"enters the span at {_where(v)}. Its first dim equals the token count, so "
+                                 f"it may be a per-token table that would need the route's indices; routefx "
+                                 f"refuses to guess. Pass it with a batch dim (1, N, ...) or route a span "
+                                 f"it does not enter.")
+            if kind in ("token", "broadcast"):
+                if u not in entering:
+                    plan.gathered.append({"tensor": u.name, "shape": _shape(u), "kind": kind, "into": v.name})
+                entering.setdefault(u, []).append(v)
+            elif u.op != "get_attr" and _shape(u) and not any(p["tensor"] == u.name for p in plan.passed):
+                plan.passed.append({"tensor": u.name, "shape": _shape(u)})
+    return entering
+
+
+def _routed_inputs(node, gathered):
+    return [u for u in dict.fromkeys(flat_inputs(node)) if u in gathered or _label(u) is True]
+
+
+def _origin(u, gathered, region, memo):
+    if u in gathered:
+        return gathered[u]
+    if u in memo:
+        return memo[u]
+    src = u.args[0] if u.op == "call_function" and u.target in (operator.getitem, getattr) else None
+    if src is not None and src in region and isinstance(_label(src), tuple):
+        ins = _routed_inputs(src, gathered)
+        outs = [k for k, flag in enumerate(_label(src)) if flag is True]
+        idx = u.args[1]
+        if len(ins) == len(outs) and idx in outs:
+            res = _origin(ins[outs.index(idx)], gathered, region, memo)
+        else:
+            res = _unique_origin(src, ins, gathered, region, memo, block_first=len(outs) == 1)
+    else:
+        res = _unique_origin(u, _routed_inputs(u, gathered), gathered, region, memo,
+                             block_first=u.op == "call_module")
+    memo[u] = res
+    return res
+
+
+def _unique_origin(node, ins, gathered, region, memo, block_first):
+    if not ins:
+        raise RouteError(f"Cannot tell which stream {_where(node)} continues: it has no routed input. "
+                         f"{INSPECT_HINT}")
+    origins = list(dict.fromkeys(_origin(r, gathered, region, memo) for r in ins))
+    if len(origins) == 1 or block_first:
+        return origins[0]
+    raise RouteError(f"{_where(node)} combines token streams that started the route as different tensors "
+                     f"({', '.join(o.name for o in origins)}); routefx cannot tell which one its bypassed "
+                     f"tokens should come from. Move the route boundary so the streams do not mix inside it.")
+
+
+def _scatter_leaving(graph, region, order, gathered, sel, plan):
+    memo = {}
+    for u in sorted(region, key=order.get):
+        outside = [v for v in u.users if v not in region]
+        label = _label(u)
+        if not outside:
+            continue
+        if isinstance(label, tuple) and any(label):
+            raise RouteError(f"{_where(u)} returns several token tensors and is used whole after the route "
+                             f"(by '{outside[0].name}'); routefx scatters tensors, not containers. End the "
+                             f"route one block earlier. {INSPECT_HINT}")
+        if label is not True:
+            continue
+        base = _origin(u, gathered, region, memo)
+        with graph.inserting_after(u if order[u] > order[base] else base):
+            node = graph.call_function(scatter_tokens, (base, sel, u))
+        node.meta["routefx"] = {"token": True, "scatter_of": u, "route": plan.index, "spec": u.meta["routefx"].get("spec")}
+        plan.scattered.append({"tensor": u.name, "shape": _shape(base), "base": base.name})
+        for v in outside:
+            v.replace_input_with(u, node)

@@ -1,0 +1,204 @@
+"""streams: which tensors carry the routed token stream.
+
+Needs `capture` (concrete values) and `find_chain` (`meta['routefx']['block']`). Ensures
+`node.meta['routefx']['token']` on every node: True for a tensor of the routed stream, a tuple of
+flags for tuple values, False otherwise.
+
+The routed stream is decided by dataflow, never by shape alone. It starts as the first argument
+of block 0 that is derived from the model's first tensor input (the image / latents) and shaped
+`(batch, N, ...)`; prefix tokens concatenated in front of it (U-ViT time/class tokens, ViT
+cls/register tokens, text tokens of a single-stream model) are protected. Through the blocks the
+stream is followed by a *probe*: the graph runs once with every block seeing a token count that
+occurs nowhere else in the model, and a value is part of the stream iff it shows that count. So
+a text stream whose length equals the image token count is still told apart.
+"""
+import dataclasses
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from routefx.errors import INSPECT_HINT, RouteError
+from routefx.ops import gather_tokens, select_tokens
+from .find_blocks import dataflow_graph
+
+__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections"]
+
+_CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
+
+
+@dataclasses.dataclass
+class Streams:
+    """What the probe learned about the routed token stream."""
+
+    source: fx.Node          # the model input the tokens come from
+    primary: fx.Node         # block 0's argument carrying the stream
+    batch: int
+    num_tokens: int          # N at block 0, prefix included
+    protect: int             # prefix tokens never routed
+    input_derived: set       # nodes that depend on any model input
+    failed_at: tuple = None  # (block index, exception) if a block cannot run on fewer tokens
+
+
+def flat_inputs(node: fx.Node) -> list:
+    """Input nodes of `node` in call order (positional, then keyword), flattened."""
+    out = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def projections(node: fx.Node) -> list:
+    """`getitem` / `getattr` users that pick an element out of a tuple / container value."""
+    import operator
+    return [u for u in node.users if u.op == "call_function" and u.target in (operator.getitem, getattr)
+            and u.args[0] is node]
+
+
+def _label(value, batch, count):
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 2 and value.shape[0] == batch and value.shape[1] == count
+    if isinstance(value, (tuple, list)):
+        return tuple(_label(v, batch, count) for v in value)
+    return False
+
+
+def token_kind(node: fx.Node, streams: Streams) -> str:
+    """'token' (routed stream), 'broadcast' (a (1, N, ...) table), 'table' (an unbatched (N, ...)
+    table, not supported yet) or 'pass' for a value entering a routed span."""
+    meta = node.meta.get("routefx", {})
+    if meta.get("token") is True:
+        return "token"
+    spec = meta.get("spec")
+    shape = getattr(spec, "shape", None)
+    if shape is None or node in streams.input_derived:
+        return "pass"
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == streams.num_tokens:
+        return "broadcast"
+    if len(shape) >= 1 and shape[0] == streams.num_tokens:
+        return "table"
+    return "pass"
+
+
+def _detect_prefix(primary, from_src, values) -> int:
+    prefix, node = 0, primary
+    while node.op != "placeholder":
+        if node.op == "call_function" and node.target in _CATS:
+            parts = list(node.args[0])
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim % values[node].dim() == 1:
+                ours = [i for i, p in enumerate(parts) if p in from_src]
+                i = max(ours, key=lambda j: values[parts[j]].shape[1])
+                prefix += sum(values[p].shape[1] for p in parts[:i])
+                if any(values[p].shape[1] for p in parts[i + 1:]):
+                    raise RouteError(f"Tokens are appended AFTER the image tokens at {node.format_node()}; "
+                                     f"routefx protects prefix tokens only. Pass protect=<prefix count> "
+                                     f"and put extra tokens in front. {INSPECT_HINT}")
+                node = parts[i]
+                continue
+        nxt = [u for u in node.all_input_nodes if u in from_src]
+        if not nxt:
+            break
+        node = nxt[0]
+    return prefix
+
+
+def _probe_count(n_total: int, protect: int, values: dict) -> int:
+    dims = {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
+    for keep in range(n_total - protect - 1, 0, -1):
+        if protect + keep not in dims:
+            return protect + keep
+    raise RouteError(f"Too few tokens ({n_total}) to tell the token stream apart from other tensors; "
+                     f"trace with a larger example input. {INSPECT_HINT}")
+
+
+def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None) -> Streams:
+    """Label every node of `gm` with `meta['routefx']['token']` (see module docstring)."""
+    g = dataflow_graph(gm.graph)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    source = inputs[0]
+    from_src = nx.descendants(g, source) | {source}
+    block0 = chain.nodes[0]
+    cands = [u for u in flat_inputs(block0) if u in from_src and isinstance(values.get(u), torch.Tensor)
+             and values[u].dim() >= 3]
+    if not cands:
+        raise RouteError(f"Block 0 ('{block0.target}') takes no (batch, tokens, ...) tensor derived from the "
+                         f"model's first input '{source.target}': nothing to route. Pass the image/latent "
+                         f"tensor first. {INSPECT_HINT}")
+    primary = cands[0]
+    batch, n_total = values[primary].shape[:2]
+    k = _detect_prefix(primary, from_src, values) if protect is None else int(protect)
+    if not 0 <= k < n_total:
+        raise RouteError(f"protect={k} must be in [0, {n_total}) (the stream has {n_total} tokens).")
+    derived = set().union(*(nx.descendants(g, p) | {p} for p in inputs))
+    streams = Streams(source, primary, batch, n_total, k, derived)
+    after0 = nx.descendants(g, block0)
+    for n in gm.graph.nodes:
+        if n not in after0:
+            ok = n in from_src and _label(values.get(n), batch, n_total) is True
+            n.meta.setdefault("routefx", {})["token"] = ok
+    _probe(gm, chain, g, streams, values, example)
+    return streams
+
+
+def span_region(g: nx.DiGraph, first: fx.Node, last: fx.Node) -> set:
+    """Nodes a route over blocks first..last runs on its kept tokens, plus their projections."""
+    region = {first, last} | (nx.descendants(g, first) & nx.ancestors(g, last))
+    return region | {p for n in region for p in projections(n)}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Probe(fx.Interpreter):
+    def __init__(self, gm, region, after0, streams, keep, last):
+        super().__init__(gm)
+        self.region, self.after0, self.streams, self.keep, self.last = region, after0, streams, keep, last
+        self.ids = None
+        self.gathered = {}
+
+    def run_node(self, n):
+        if n in self.after0 and n not in self.region:
+            return None  # consumes the stream after it left the probe's span: not needed
+        if n not in self.region:
+            return super().run_node(n)
+        saved = {}
+        for u in n.all_input_nodes:
+            if u not in self.region and token_kind(u, self.streams) in ("token", "broadcast"):
+                saved[u], self.env[u] = self.env[u], self._gather(u)
+        try:
+            out = super().run_node(n)
+        finally:
+            self.env.update(saved)
+        n.meta.setdefault("routefx", {})["token"] = _label(out, self.streams.batch, self.keep)
+        if n is self.last:
+            raise _Stop
+        return out
+
+    def _gather(self, u):
+        if u not in self.gathered:
+            x = self.env[u]
+            if self.ids is None:
+                s = self.streams
+                gen = torch.Generator(device=x.device).manual_seed(0)
+                ratio = 1 - (self.keep - s.protect) / (s.num_tokens - s.protect)
+                ids = select_tokens(s.batch, s.num_tokens, ratio, s.protect, x.device, gen)
+                self.ids = ids[:, : self.keep]
+            self.gathered[u] = gather_tokens(x, self.ids)
+        return self.gathered[u]
+
+
+def _probe(gm, chain, g, streams, values, example):
+    keep = _probe_count(streams.num_tokens, streams.protect, values)
+    first, last = chain.nodes[0], chain.nodes[-1]
+    region = span_region(g, first, last)
+    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep, last)
+    try:
+        with torch.no_grad():
+            probe.run(*example)
+    except _Stop:
+        return
+    except Exception as e:  # noqa: BLE001 - remembered, reported by routes that need this block
+        failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
+                                   key=lambda n: n.meta["routefx"]["block"], default=None)
+        streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, e)

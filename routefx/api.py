@@ -1,0 +1,238 @@
+"""Public front door: `apply`, `remove`, `force_routing`, and the `RoutedModule` wrapper."""
+import contextlib
+import dataclasses
+
+import torch
+from torch import nn
+
+from ._tree import flatten
+from .errors import INSPECT_HINT, RouteError
+from .ops import RouteControl
+from .passes.capture import input_skeleton
+from .passes.find_blocks import explicit_blocks
+from .pipeline import build
+from .route import Route, as_routes, resolve_routes
+
+__all__ = ["apply", "remove", "force_routing", "RoutedModule", "RouteInfo"]
+
+_PREFIX = "module."
+
+
+@dataclasses.dataclass
+class RouteInfo:
+    """One route's token selection in the last routed forward."""
+
+    route: Route
+    ids: torch.Tensor  # (batch, kept) sorted indices into all N tokens, or None at ratio 0
+    num_tokens: int    # N, protected prefix included
+    protect: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(batch, N) bool, True where the token BYPASSED the route (prefix always False)."""
+        if self.ids is None:
+            raise RouteError("This route ran at ratio 0: no token was routed, there is no mask.")
+        m = torch.ones(self.ids.shape[0], self.num_tokens, dtype=torch.bool, device=self.ids.device)
+        return m.scatter(1, self.ids, False)
+
+    @property
+    def patch_mask(self) -> torch.Tensor:
+        """Like `mask` but over the routable tokens only (the protected prefix dropped)."""
+        return self.mask[:, self.protect:]
+
+
+def _is_tensor(x):
+    return isinstance(x, torch.Tensor)
+
+
+class RoutedModule(nn.Module):
+    """A model whose training forward runs a routed graph; eval runs the original module.
+
+    Parameters are the original model's (shared); `state_dict()` has exactly its keys. Made by
+    `routefx.apply`; `routefx.remove` gives the original module back.
+    """
+
+    def __init__(self, model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None,
+                 leaf_modules=(), generator=None, static_batch=False):
+        super().__init__()
+        self.module = model
+        self.routes = as_routes(routes)
+        _check_names(model, self.routes, blocks, leaf_modules)
+        self.control = RouteControl(generator)
+        self.options = dict(blocks=blocks, protect=protect, leaf_modules=tuple(leaf_modules),
+                            keep_batch=static_batch)
+        self._graphs = []
+        self._last = None
+        self._register_state_dict_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+        if example_inputs is not None:
+            args, kwargs = _split_example(example_inputs)
+            was = model.training
+            model.train()
+            try:
+                self.graph_for(args, kwargs)
+            finally:
+                model.train(was)
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if not (self.training or self.control.forced):
+            return self.module(*args, **kwargs)
+        rg = self.graph_for(args, kwargs)
+        out = rg.gm(*flatten((args, kwargs), is_leaf=_is_tensor)[0])
+        k = len(rg.plans)
+        self._last = (rg, out[len(out) - k:])
+        return rg.rebuild_output(list(out[: len(out) - k]))
+
+    def graph_for(self, args, kwargs):
+        """The routed graph for this call's signature and mode, captured on first use."""
+        key = (self.module.training, input_skeleton(args, kwargs, self.options["keep_batch"]))
+        for k, rg in self._graphs:
+            if _same(k, key):
+                return rg
+        rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
+        self._graphs.append((key, rg))
+        return rg
+
+    @property
+    def routing(self) -> list:
+        """`RouteInfo` for each route of the last routed forward (for masked losses)."""
+        if self._last is None:
+            raise RouteError("No routed forward has run yet: call the model in training mode first.")
+        rg, ids = self._last
+        return [RouteInfo(r, i, p.num_tokens, p.protect) for r, i, p in zip(rg.routes, ids, rg.plans)]
+
+    def set_ratio(self, ratio):
+        """Override every route's ratio (a float, or a list per route); None restores the routes'."""
+        for r in ratio if isinstance(ratio, (list, tuple)) else [ratio]:
+            if r is not None:
+                Route(0, 0, r)  # validates the number
+        self.control.ratio_override = ratio
+
+    # -- plumbing ------------------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs = []  # graphs hold references to buffers that .to() replaces
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_graphs"], state["_last"] = [], None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"routes={[tuple(dataclasses.astuple(r)) for r in self.routes]}"
+
+
+def _check_names(model, routes, blocks, leaf_modules):
+    """What can be checked before any forward: module names, and routes against explicit blocks."""
+    if blocks is not None:
+        resolve_routes(routes, len(explicit_blocks(model, blocks)))
+    names = dict(model.named_modules())
+    for name in leaf_modules:
+        if name not in names:
+            raise RouteError(f"leaf_modules: no module named '{name}' in {type(model).__name__}. "
+                             f"{INSPECT_HINT}")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - unusual constants (arrays...) that cannot be compared
+        return False
+
+
+def _split_example(example):
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict) \
+            and isinstance(example[0], (tuple, list)):
+        return tuple(example[0]), dict(example[1])
+    return tuple(example), {}
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + key[len(prefix) + len(_PREFIX):]] = state_dict.pop(key)
+
+
+def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None, leaf_modules=(),
+          generator=None, static_batch=False) -> RoutedModule:
+    """Route tokens around blocks of `model` during training (TREAD), without editing its code.
+
+    Args:
+        model: any `nn.Module` whose forward runs a chain of blocks over tokens. Not modified.
+        routes: `[(start, end, ratio), ...]` or `Route`s; indices into the block chain, negative
+            ones counted from the end; routes must not overlap.
+        example_inputs: optional args tuple (or `(args, kwargs)`, or a kwargs dict) to capture
+            now; otherwise capture happens on the first training-mode call.
+        blocks: module names (or one container name like `"blocks"`) to use as the chain
+            instead of the automatic discovery.
+        protect: number of prefix tokens never routed (default: detected from the graph).
+        leaf_modules: extra module names not to trace into.
+        generator: a `torch.Generator` for the token selection (default: the global RNG).
+        static_batch: re-trace per batch size (for code that bakes the batch size in).
+    Returns:
+        A `RoutedModule`: call it like the model; in eval mode it IS the original forward.
+
+    Example:
+        >>> from routefx.backbones import create
+        >>> routed = apply(create("DiT-T/2", input_size=8), routes=[(1, 4, 0.5)])
+        >>> x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 2])
+        >>> routed(x, t, y).shape
+        torch.Size([2, 8, 8, 8])
+    """
+    if isinstance(model, RoutedModule):
+        model = remove(model)
+    if not isinstance(model, nn.Module):
+        raise RouteError(f"routefx.apply needs an nn.Module, got {type(model).__name__}. Apply it before "
+                         f"wrapping in DDP or torch.compile.")
+    if any(isinstance(m, RoutedModule) for m in model.modules()):
+        raise RouteError("This model already contains a RoutedModule: call routefx.remove on it first.")
+    return RoutedModule(model, routes, example_inputs=example_inputs, blocks=blocks, protect=protect,
+                        leaf_modules=leaf_modules, generator=generator, static_batch=static_batch)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Return the original module of a `RoutedModule` (anything else is returned unchanged)."""
+    return model.module if isinstance(model, RoutedModule) else model
+
+
+def _find_routed(model) -> RoutedModule:
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if isinstance(m, RoutedModule):
+            return m
+    found = [m for m in model.modules() if isinstance(m, RoutedModule)] if isinstance(model, nn.Module) else []
+    if not found:
+        raise RouteError("No RoutedModule found: call routefx.apply(model, routes) first.")
+    return found[0]
+
+
+@contextlib.contextmanager
+def force_routing(model, ratio=None):
+    """Route even in eval mode (e.g. routing guidance), optionally with another ratio.
+
+    Example:
+        >>> with force_routing(routed, ratio=0.7):   # a "weak" prediction
+        ...     v_weak = routed(x, t, y)
+    """
+    routed = _find_routed(model)
+    prev = (routed.control.forced, routed.control.ratio_override)
+    routed.set_ratio(ratio)
+    routed.control.forced = True
+    try:
+        yield routed
+    finally:
+        routed.control.forced, routed.control.ratio_override = prev

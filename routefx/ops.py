@@ -1,0 +1,102 @@
+"""Run-time pieces that routed graphs call: token selection, gather, scatter, guards."""
+import torch
+from torch import nn
+from torch.fx.node import has_side_effect
+
+from .errors import GuardError, RouteError
+
+__all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "scatter_tokens",
+           "check_guard"]
+
+
+class RouteControl:
+    """Run-time switches shared by every route of one routed model."""
+
+    def __init__(self, generator=None):
+        self.generator = generator
+        self.forced = False
+        self.ratio_override = None  # None, one float for every route, or a list per route
+
+    def ratio(self, index: int, default: float) -> float:
+        r = self.ratio_override
+        if r is None:
+            return default
+        return r[index] if isinstance(r, (list, tuple)) else r
+
+
+def select_tokens(batch: int, num_tokens: int, ratio: float, protect: int, device,
+                  generator=None) -> torch.Tensor:
+    """Sorted per-sample indices of the kept tokens, `(batch, protect + n_keep)`.
+
+    Draws `torch.rand(batch, N)` (N = routable tokens) exactly as the TREAD reference and keeps
+    the first `N - int(N * ratio)` of its argsort; the `protect` prefix tokens are always kept.
+    """
+    n = num_tokens - protect
+    n_keep = n - int(n * ratio)
+    if n_keep <= 0:
+        raise RouteError(f"Route ratio {ratio} keeps no token of {n}: lower the ratio.")
+    noise = torch.rand(batch, n, device=device, generator=generator)
+    ids = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+    if protect:
+        prefix = torch.arange(protect, device=device).expand(batch, protect)
+        ids = torch.cat([prefix, ids + protect], dim=1)
+    return ids
+
+
+class RouteSelector(nn.Module):
+    """Graph node that draws one route's token indices when the route starts."""
+
+    def __init__(self, index: int, ratio: float, protect: int, control: RouteControl):
+        super().__init__()
+        self.index, self.default_ratio, self.protect, self.control = index, ratio, protect, control
+
+    def forward(self, x: torch.Tensor):
+        ratio = self.control.ratio(self.index, self.default_ratio)
+        if ratio == 0:
+            return None  # no RNG drawn, gathers and scatters become identities
+        return select_tokens(x.shape[0], x.shape[1], ratio, self.protect, x.device,
+                             self.control.generator)
+
+    def extra_repr(self) -> str:
+        return f"route={self.index}, ratio={self.default_ratio}, protect={self.protect}"
+
+
+def _token_index(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    shape = ids.shape + (1,) * (like.dim() - 2)
+    return ids.view(shape).expand(ids.shape[0], ids.shape[1], *like.shape[2:])
+
+
+def gather_tokens(x: torch.Tensor, ids):
+    """`x[b, ids[b]]` along dim 1; a broadcast `(1, N, ...)` tensor is gathered per sample."""
+    if ids is None:
+        return x
+    if x.shape[0] != ids.shape[0]:
+        x = x.expand(ids.shape[0], *x.shape[1:])
+    return x.gather(1, _token_index(ids, x))
+
+
+def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:
+    """Out-of-place: `base` with its `ids` tokens replaced by `kept` (TREAD's route end)."""
+    if ids is None:
+        return kept
+    if base.dtype != kept.dtype:
+        base = base.to(kept.dtype)
+    if base.shape[0] != kept.shape[0]:
+        base = base.expand(kept.shape[0], *base.shape[1:])
+    return base.scatter(1, _token_index(ids, kept), kept)
+
+
+_CONVERT = {"int": int, "float": float, "bool": bool, "len": len}
+
+
+@has_side_effect
+def check_guard(value, kind: str, expected, where: str):
+    """Fail loudly when a value that tracing turned into a Python constant changes."""
+    got = _CONVERT[kind](value)
+    if got != expected:
+        raise GuardError(f"{where}: traced with {kind}(...) = {expected!r}, now {got!r}. "
+                         f"The model's code turned this value into a Python constant while "
+                         f"tracing; routefx re-traces for new input shapes, but this value changed "
+                         f"with the batch size. Pass `static_batch=True` to routefx.apply to "
+                         f"re-trace per batch size.")
+    return value

@@ -1,0 +1,108 @@
+"""Run the passes in order on one example call: capture -> find_blocks -> streams -> insert_routes.
+
+Each pass failure that is not already a `RouteError` is re-raised naming the pass. The graph is
+linted and recompiled once, at the end, then run once on the example inputs to verify it.
+"""
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from routefx.passes.capture import capture
+from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
+from routefx.passes.insert_routes import insert_routes
+from routefx.passes.streams import analyze_streams
+
+from ._tree import flatten
+from .errors import INSPECT_HINT, RouteError
+from .route import resolve_routes
+
+__all__ = ["RoutedGraph", "build", "rng_preserved"]
+
+log = logging.getLogger("routefx")
+
+
+@dataclasses.dataclass
+class RoutedGraph:
+    """One captured and routed graph, for one input signature and mode."""
+
+    gm: fx.GraphModule
+    rebuild_output: Callable[[list], Any]
+    chain: Any
+    streams: Any
+    plans: list
+    routes: list
+    guards: list
+    seconds: float
+
+
+@contextlib.contextmanager
+def rng_preserved(tensors):
+    """Leave the global RNG state as it was (tracing and probing must not shift it)."""
+    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    try:
+        yield
+    except RouteError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise RouteError(f"routefx pass '{name}' failed: {type(e).__name__}: {e}. {INSPECT_HINT}") from e
+
+
+def _tensors(args, kwargs):
+    return flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))[0]
+
+
+def build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
+          keep_batch=False) -> RoutedGraph:
+    """Capture `model(*args, **kwargs)` and insert `routes`; see the module docstring."""
+    t0 = time.perf_counter()
+    example = _tensors(args, kwargs)
+    with rng_preserved(example):
+        explicit = explicit_blocks(model, blocks) if blocks is not None else None
+        leaves = set(explicit or block_candidates(model)) | set(leaf_modules)
+        cap = capture(model, args, kwargs, leaves, keep_batch=keep_batch)
+        with _stage("find_blocks"):
+            chain = find_chain(cap.gm, leaves, explicit)
+        resolved = resolve_routes(routes, len(chain))
+        with _stage("streams"):
+            streams = analyze_streams(cap.gm, chain, cap.values, example, protect)
+        with _stage("insert_routes"):
+            plans = insert_routes(cap.gm, chain, streams, resolved, control)
+        cap.gm.graph.lint()
+        cap.gm.recompile()
+        user_generator, control.generator = control.generator, None  # verifying must not draw from it
+        try:
+            _verify(cap, example, len(plans))
+        finally:
+            control.generator = user_generator
+    rg = RoutedGraph(cap.gm, cap.rebuild_output, chain, streams, plans, resolved, cap.guards,
+                     time.perf_counter() - t0)
+    log.info("routefx: captured %s (%d blocks, %d routes) in %.2fs", type(model).__name__,
+             len(chain), len(plans), rg.seconds)
+    return rg
+
+
+def _verify(cap, example, n_routes):
+    outputs = [n for n in cap.gm.graph.nodes if n.op == "output"][0].args[0][: -n_routes or None]
+    want = [cap.values[n].shape if isinstance(n, fx.Node) and isinstance(cap.values.get(n), torch.Tensor)
+            else None for n in outputs]
+    try:
+        with torch.no_grad():
+            got = cap.gm(*example)
+    except Exception as e:  # noqa: BLE001
+        raise RouteError(f"The routed graph fails on the example inputs: {type(e).__name__}: {e}. A block "
+                         f"inside a route may depend on the token count. {INSPECT_HINT}") from e
+    for i, (w, v) in enumerate(zip(want, got)):
+        if w is not None and tuple(v.shape) != tuple(w):
+            raise RouteError(f"Output {i} of the routed graph has shape {tuple(v.shape)}, the model's has "
+                             f"{tuple(w)}. {INSPECT_HINT}")
