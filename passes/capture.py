@@ -284,18 +284,26 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure gets a located explanation
         where = user_frame(e.__traceback__)
-        scope = next(reversed(tracer.module_stack.values()), ("<root>",))[0] if tracer.module_stack else "<root>"
+        scope = next(reversed(tracer.module_stack.values()), ("",))[0] if tracer.module_stack else ""
         raise CaptureError(
             f"Could not trace {type(model).__name__} at {where} (inside module '{scope or '<root>'}'): "
-            f"{type(e).__name__}: {e}. Fix: keep that module out of the trace with "
-            f"routefx.apply(..., leaf_modules=['{scope}']), or name the block modules explicitly with "
-            f"blocks=[...]. {INSPECT_HINT}") from e
+            f"{type(e).__name__}: {e}. {_capture_fix(scope)} {INSPECT_HINT}") from e
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Captured")
     for node in gm.graph.nodes:
         node.meta.setdefault("routefx", {})["spec"] = _spec(tracer.values.get(node))
     _insert_guards(gm.graph, tracer.guards)
     return Captured(gm, tracer.rebuild_output, input_skeleton(args, kwargs, keep_batch),
                     tracer.values, tracer.guards, leaves)
+
+
+def _capture_fix(scope: str) -> str:
+    hint = ("routefx traces int()/float()/len()/if/assert on shapes, but not range() or Python "
+            "loops over a traced value, nor calls into libraries that need real tensors.")
+    if scope:
+        return (f"Fix: keep that module out of the trace with routefx.apply(..., leaf_modules=['{scope}']), "
+                f"or name the block modules explicitly with blocks=[...]. ({hint})")
+    return (f"Fix: this line is in the model's own forward; move it into a submodule and list that in "
+            f"leaf_modules=[...], or make the value a Python constant (e.g. from the config). ({hint})")
 
 
 def _insert_guards(graph: fx.Graph, guards: list) -> None:
