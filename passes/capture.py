@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.proxy import Attribute
 
 from routefx._tree import TensorSlot, flatten
@@ -53,6 +54,8 @@ class Captured:
     values: dict  # fx.Node -> concrete value on the example inputs (dropped after apply)
     guards: list  # (node, kind, value, where)
     leaves: set
+    example: list  # the tensor inputs the values were computed from (fake tensors in fake mode)
+    mode: Any = None  # the FakeTensorMode values live in, or None for real values
 
 
 def user_frame(tb=None) -> str:
@@ -107,9 +110,9 @@ def _spec(value):
 class ShadowTracer(fx.Tracer):
     """fx tracer that keeps `leaves` as leaf modules and shadows every proxy with a value."""
 
-    def __init__(self, leaves: set, autowrap_functions=()):
+    def __init__(self, leaves: set, autowrap_functions=(), mode=None):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
-        self.leaves = leaves
+        self.leaves, self.mode = leaves, mode
         self.values: dict = {}
         self.guards: list = []
         self._inputs: list = []
@@ -156,7 +159,7 @@ class ShadowTracer(fx.Tracer):
 
     def _run(self, kind, target, args, kwargs):
         cargs, ckwargs = _map(args, self.value_of), _map(kwargs, self.value_of)
-        with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad():
+        with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad(), self.mode or contextlib.nullcontext():
             if kind == "call_function":
                 return target(*cargs, **ckwargs)
             if kind == "call_method":
@@ -254,7 +257,7 @@ def input_skeleton(args, kwargs, keep_batch: bool = False):
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
-            keep_batch: bool = False) -> Captured:
+            keep_batch: bool = False, fake: bool = True) -> Captured:
     """Trace `model(*args, **kwargs)` keeping the modules named in `leaves` as leaves.
 
     Args:
@@ -262,6 +265,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
         args, kwargs: one real call; tensors become graph inputs, everything else a constant.
         leaves: qualified names of modules to keep as `call_module` nodes.
         keep_batch: put the batch size into the input skeleton (re-trace per batch size).
+        fake: compute the shadow values with fake tensors (shapes only, no FLOPs); pass False
+            for modules whose ops have no fake-tensor implementation.
     Returns:
         A `Captured` with the GraphModule and its call conventions.
     """
@@ -269,8 +274,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
     if not tensors:
         raise CaptureError("The model was called without any tensor argument; routefx needs the "
                            "token-producing input (e.g. the image latents) as a tensor.")
-    tensors = [t.detach().clone() for t in tensors]  # tracing must never mutate the user's batch
-    tracer = ShadowTracer(leaves, autowrap_functions=[getattr(m, n) for m, n in _einops_functions()])
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    # tracing must never mutate the user's batch
+    tensors = [mode.from_tensor(t) if fake else t.detach().clone() for t in tensors]
+    tracer = ShadowTracer(leaves, [getattr(m, n) for m, n in _einops_functions()], mode)
     tracer._inputs = list(zip(_input_names(model, args, kwargs, len(tensors)), tensors))
 
     def rebuild(ph):
@@ -293,7 +300,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
         node.meta.setdefault("routefx", {})["spec"] = _spec(tracer.values.get(node))
     _insert_guards(gm.graph, tracer.guards)
     return Captured(gm, tracer.rebuild_output, input_skeleton(args, kwargs, keep_batch),
-                    tracer.values, tracer.guards, leaves)
+                    tracer.values, tracer.guards, leaves, tensors, mode)
 
 
 def _capture_fix(scope: str) -> str:

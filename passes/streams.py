@@ -12,6 +12,7 @@ stream is followed by a *probe*: the graph runs once with every block seeing a t
 occurs nowhere else in the model, and a value is part of the stream iff it shows that count. So
 a text stream whose length equals the image token count is still told apart.
 """
+import contextlib
 import dataclasses
 
 import networkx as nx
@@ -111,7 +112,7 @@ def _probe_count(n_total: int, protect: int, values: dict) -> int:
                      f"trace with a larger example input. {INSPECT_HINT}")
 
 
-def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None) -> Streams:
+def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None) -> Streams:
     """Label every node of `gm` with `meta['routefx']['token']` (see module docstring)."""
     g = dataflow_graph(gm.graph)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -136,7 +137,7 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
         if n not in after0:
             ok = n in from_src and _label(values.get(n), batch, n_total) is True
             n.meta.setdefault("routefx", {})["token"] = ok
-    _probe(gm, chain, g, streams, values, example)
+    _probe(gm, chain, g, streams, values, example, mode)
     return streams
 
 
@@ -188,13 +189,13 @@ class _Probe(fx.Interpreter):
         return self.gathered[u]
 
 
-def _probe(gm, chain, g, streams, values, example):
+def _probe(gm, chain, g, streams, values, example, mode):
     keep = _probe_count(streams.num_tokens, streams.protect, values)
     first, last = chain.nodes[0], chain.nodes[-1]
     region = span_region(g, first, last)
     probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep, last)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), mode or contextlib.nullcontext():
             probe.run(*example)
     except _Stop:
         return

@@ -62,20 +62,35 @@ def _tensors(args, kwargs):
     return flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))[0]
 
 
-def build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
-          keep_batch=False) -> RoutedGraph:
-    """Capture `model(*args, **kwargs)` and insert `routes`; see the module docstring."""
+def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
+    """Capture `model(*args, **kwargs)` and insert `routes`; see the module docstring.
+
+    The passes first run on fake tensors (shapes only: no FLOPs, no memory); a model whose ops
+    cannot run on fake tensors is captured again with real values.
+    """
+    try:
+        return _build(model, args, kwargs, routes, control, fake=True, **options)
+    except RouteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - some op without a fake-tensor kernel: use real values
+        log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
+                 type(e).__name__, e)
+        return _build(model, args, kwargs, routes, control, fake=False, **options)
+
+
+def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
+           keep_batch=False, fake=True) -> RoutedGraph:
     t0 = time.perf_counter()
-    example = _tensors(args, kwargs)
-    with rng_preserved(example):
+    with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
         leaves = set(explicit or block_candidates(model)) | set(leaf_modules)
-        cap = capture(model, args, kwargs, leaves, keep_batch=keep_batch)
+        cap = capture(model, args, kwargs, leaves, keep_batch=keep_batch, fake=fake)
+        example = cap.example
         with _stage("find_blocks"):
             chain = find_chain(cap.gm, leaves, explicit)
         resolved = resolve_routes(routes, len(chain))
         with _stage("streams"):
-            streams = analyze_streams(cap.gm, chain, cap.values, example, protect)
+            streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode)
         with _stage("insert_routes"):
             plans = insert_routes(cap.gm, chain, streams, resolved, control)
         cap.gm.graph.lint()
@@ -97,7 +112,7 @@ def _verify(cap, example, n_routes):
     want = [cap.values[n].shape if isinstance(n, fx.Node) and isinstance(cap.values.get(n), torch.Tensor)
             else None for n in outputs]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cap.mode or contextlib.nullcontext():
             got = cap.gm(*example)
     except Exception as e:  # noqa: BLE001
         raise RouteError(f"The routed graph fails on the example inputs: {type(e).__name__}: {e}. A block "
