@@ -1,7 +1,7 @@
 """Reference backbones, registered by name.
 
-DiT, SiT and U-ViT are always available; Mamba sizes join the registry when
-`routefx.backbones.mamba` (and the `mamba-ssm` it needs) imports.
+DiT, SiT and U-ViT are always available; the DiM (Mamba) sizes import `routefx.backbones.mamba`
+(and the `mamba-ssm` it needs) when first built.
 
 Example:
     >>> from routefx import backbones
@@ -24,16 +24,25 @@ __all__ = [
 ]
 
 _MODULES = [dit, uvit]
+_MAMBA_NAMES = ("DiM-T/2", "DiM-S/2", "DiM-B/2")  # checked against mamba.Mamba_models by the tests
 
-try:
-    from routefx.backbones import mamba
-except ImportError as e:  # no mamba.py yet, or no mamba-ssm installed
-    _MAMBA_IMPORT_ERROR: ImportError | None = e
-    Mamba_models: dict[str, Callable[..., nn.Module]] = {}
-else:
-    _MAMBA_IMPORT_ERROR = None
-    Mamba_models = mamba.Mamba_models
-    _MODULES.append(mamba)
+
+def _mamba_factory(name: str) -> Callable[..., nn.Module]:
+    """Importing mamba-ssm takes 10-20 s: only models that need it pay for it, on first use."""
+    def factory(**kwargs):
+        try:
+            from routefx.backbones import mamba
+        except ImportError as e:
+            raise ImportError(f"{name} needs mamba-ssm: {e}. Install it with `pip install routefx[mamba]` "
+                              f"(on a machine without CUDA see docs/install.md for the build flags).") from e
+        if mamba not in _MODULES:
+            _MODULES.append(mamba)
+        return mamba.Mamba_models[name](**kwargs)
+    factory.__name__ = name
+    return factory
+
+
+Mamba_models: dict[str, Callable[..., nn.Module]] = {n: _mamba_factory(n) for n in _MAMBA_NAMES}
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **DiT_models, **SiT_models, **UViT_models, **Mamba_models,
@@ -63,10 +72,7 @@ def create(name: str, **kwargs) -> nn.Module:
         2
     """
     if name not in MODELS:
-        hint = ""
-        if name.lower().startswith("mamba") and _MAMBA_IMPORT_ERROR is not None:
-            hint = f" (Mamba models are unavailable: {_MAMBA_IMPORT_ERROR})"
-        raise ValueError(f"unknown backbone {name!r}{hint}; valid names: {', '.join(names())}")
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(names())}")
     return MODELS[name](**kwargs)
 
 

@@ -117,8 +117,9 @@ def _insert_one(gm, chain, streams, i, route, control):
 def _refuse_guards(region, i, route):
     for node in region:
         for user in node.users:
-            where = user.meta.get("routefx", {}).get("guard")
-            if where and user.meta["routefx"]["guarded"] in region:
+            meta = user.meta.get("routefx", {})
+            if meta.get("token_dependent") and meta["guarded"] in region:
+                where = meta["guard"]
                 raise RouteError(f"Route {i} ({route.start}..{route.end}): code inside the span turns a value "
                                  f"that depends on the token count into a Python constant at {where}. A route "
                                  f"cannot span that point (the count changes under routing); end the route "
@@ -192,6 +193,8 @@ def _scatter_leaving(graph, region, order, gathered, sel, plan):
         if not outside:
             continue
         if isinstance(label, tuple) and any(label):
+            outside = [v for v in outside if not v.meta.get("routefx", {}).get("guard")]  # len(tuple)
+        if isinstance(label, tuple) and any(label) and outside:
             raise RouteError(f"{_where(u)} returns several token tensors and is used whole after the route "
                              f"(by '{outside[0].name}'); routefx scatters tensors, not containers. End the "
                              f"route one block earlier. {INSPECT_HINT}")

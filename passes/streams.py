@@ -19,7 +19,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from routefx.errors import INSPECT_HINT, RouteError
+from routefx.errors import INSPECT_HINT, GuardError, RouteError
 from routefx.ops import gather_tokens, select_tokens
 from .find_blocks import dataflow_graph
 
@@ -159,6 +159,13 @@ class _Probe(fx.Interpreter):
         self.gathered = {}
 
     def run_node(self, n):
+        meta = n.meta.get("routefx", {})
+        if meta.get("guard") and meta["guarded"] in self.region:
+            try:  # does a value the trace fixed change when blocks see fewer tokens?
+                return super().run_node(n)
+            except GuardError:
+                meta["token_dependent"] = True
+                return None
         if n in self.after0 and n not in self.region:
             return None  # consumes the stream after it left the probe's span: not needed
         if n not in self.region:
