@@ -7,7 +7,9 @@ picks). The pass inserts, in the graph:
 
 * `routefx_route_i(x)` right before block `s`: draws the per-sample kept indices (a
   `RouteSelector`), from the block's first routed-stream argument;
-* `gather_tokens(u, ids)` for every routed-stream or `(1, N, ...)` tensor that ENTERS the region;
+* `gather_tokens(u, ids)` for every routed-stream or `(1, N, ...)` tensor that ENTERS the region,
+  and `gather_table(u, ids, stream, dim)` for per-token tables (rotary `(T_text + N, d)`: rows
+  before the stream's N kept; the route then draws one index set for the whole batch);
 * `scatter_tokens(base, ids, v)` for every routed-stream tensor that LEAVES the region, where
   `base` is the route-start value of the stream `v` continues (block outputs continue their
   inputs position by position; a block with one routed output continues its first routed input).
@@ -21,7 +23,7 @@ import operator
 import torch.fx as fx
 
 from routefx.errors import INSPECT_HINT, RouteError
-from routefx.ops import RouteSelector, gather_tokens, scatter_tokens
+from routefx.ops import RouteSelector, gather_table, gather_tokens, scatter_tokens
 from .find_blocks import dataflow_graph
 from .streams import flat_inputs, span_region, token_kind
 
@@ -92,20 +94,24 @@ def _insert_one(gm, chain, streams, i, route, control):
                      streams.protect, streams.protect + route.num_kept(n))
 
     entering = _entering(region, order, streams, plan)
-    primary = next((u for u in flat_inputs(first) if u in entering and token_kind(u, streams) == "token"), None)
+    primary = next((u for u in flat_inputs(first) if u in entering and entering[u][0] == "token"), None)
     if primary is None:
         raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'). "
                          f"{INSPECT_HINT}")
     name = f"routefx_route_{i}"
-    gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control))
+    shared = any(kind.startswith("table") for kind, _ in entering.values())
+    gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared))
     with graph.inserting_before(first):
         sel = graph.call_module(name, (primary,))
     sel.meta["routefx"] = {"selector": i, "token": False}
 
     gathered = {}
-    for u, users in entering.items():
+    for u, (kind, users) in entering.items():
         with graph.inserting_before(users[0]):
-            node = graph.call_function(gather_tokens, (u, sel))
+            if kind.startswith("table"):
+                node = graph.call_function(gather_table, (u, sel, primary, int(kind[-1])))
+            else:
+                node = graph.call_function(gather_tokens, (u, sel))
         node.meta["routefx"] = {"token": True, "gather_of": u, "route": i, "spec": None}
         gathered[node] = u
         for v in users:
@@ -133,16 +139,10 @@ def _entering(region, order, streams, plan) -> dict:
             if u in region:
                 continue
             kind = token_kind(u, streams)
-            if kind == "table":
-                raise RouteError(f"Route {plan.index}: the unbatched tensor {_where(u)} of shape {_shape(u)} "
-                                 f"enters the span at {_where(v)}. Its first dim equals the token count, so "
-                                 f"it may be a per-token table that would need the route's indices; routefx "
-                                 f"refuses to guess. Pass it with a batch dim (1, N, ...) or route a span "
-                                 f"it does not enter.")
-            if kind in ("token", "broadcast"):
+            if kind != "pass":
                 if u not in entering:
                     plan.gathered.append({"tensor": u.name, "shape": _shape(u), "kind": kind, "into": v.name})
-                entering.setdefault(u, []).append(v)
+                entering.setdefault(u, (kind, []))[1].append(v)
             elif u.op != "get_attr" and _shape(u) and not any(p["tensor"] == u.name for p in plan.passed):
                 plan.passed.append({"tensor": u.name, "shape": _shape(u)})
     return entering

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from routefx.errors import INSPECT_HINT, GuardError, RouteError
-from routefx.ops import gather_tokens, select_tokens
+from routefx.ops import gather_table, gather_tokens, select_tokens
 from .find_blocks import dataflow_graph
 
 __all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections"]
@@ -64,19 +64,27 @@ def _label(value, batch, count):
 
 
 def token_kind(node: fx.Node, streams: Streams) -> str:
-    """'token' (routed stream), 'broadcast' (a (1, N, ...) table), 'table' (an unbatched (N, ...)
-    table, not supported yet) or 'pass' for a value entering a routed span."""
+    """How a value entering a routed span is treated.
+
+    'token': the routed stream (per-sample gather); 'broadcast': a `(1, N, ...)` table (gathered
+    per sample); 'table0' / 'table1': a per-token table along dim 0 (unbatched, e.g. rotary
+    `(T_text + N, d)`) or dim 1 (`(1, T_text + N, ...)`) whose LAST N rows belong to the stream
+    (rows before them are kept; needs one index set shared by the batch); 'pass': untouched.
+    """
     meta = node.meta.get("routefx", {})
     if meta.get("token") is True:
         return "token"
-    spec = meta.get("spec")
-    shape = getattr(spec, "shape", None)
-    if shape is None or node in streams.input_derived:
+    shape = getattr(meta.get("spec"), "shape", None)
+    if shape is None:
         return "pass"
-    if len(shape) >= 2 and shape[0] == 1 and shape[1] == streams.num_tokens:
+    n, b = streams.num_tokens, streams.batch
+    per_token_ok = node not in streams.input_derived or b >= 2  # with batch 1, (1, N, D) may be data
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == n and per_token_ok:
         return "broadcast"
-    if len(shape) >= 1 and shape[0] == streams.num_tokens:
-        return "table"
+    if len(shape) >= 3 and shape[0] == 1 and shape[1] > n and per_token_ok:
+        return "table1"
+    if len(shape) >= 2 and shape[0] >= n and shape[0] != b:
+        return "table0"
     return "pass"
 
 
@@ -172,7 +180,7 @@ class _Probe(fx.Interpreter):
             return super().run_node(n)
         saved = {}
         for u in n.all_input_nodes:
-            if u not in self.region and token_kind(u, self.streams) in ("token", "broadcast"):
+            if u not in self.region and token_kind(u, self.streams) != "pass":
                 saved[u], self.env[u] = self.env[u], self._gather(u)
         try:
             out = super().run_node(n)
@@ -185,14 +193,17 @@ class _Probe(fx.Interpreter):
 
     def _gather(self, u):
         if u not in self.gathered:
-            x = self.env[u]
-            if self.ids is None:
-                s = self.streams
+            x, s = self.env[u], self.streams
+            if self.ids is None:  # one index set for the whole batch: valid for tables too
                 gen = torch.Generator(device=x.device).manual_seed(0)
                 ratio = 1 - (self.keep - s.protect) / (s.num_tokens - s.protect)
-                ids = select_tokens(s.batch, s.num_tokens, ratio, s.protect, x.device, gen)
-                self.ids = ids[:, : self.keep]
-            self.gathered[u] = gather_tokens(x, self.ids)
+                ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
+                self.ids = ids[:, : self.keep].expand(s.batch, -1)
+            kind = token_kind(u, s)
+            if kind.startswith("table"):
+                self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]))
+            else:
+                self.gathered[u] = gather_tokens(x, self.ids)
         return self.gathered[u]
 
 

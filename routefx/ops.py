@@ -5,7 +5,7 @@ from torch.fx.node import has_side_effect
 
 from .errors import GuardError, RouteError
 
-__all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "scatter_tokens",
+__all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "gather_table", "scatter_tokens",
            "check_guard"]
 
 
@@ -46,19 +46,23 @@ def select_tokens(batch: int, num_tokens: int, ratio: float, protect: int, devic
 class RouteSelector(nn.Module):
     """Graph node that draws one route's token indices when the route starts."""
 
-    def __init__(self, index: int, ratio: float, protect: int, control: RouteControl):
+    def __init__(self, index: int, ratio: float, protect: int, control: RouteControl, shared: bool = False):
         super().__init__()
         self.index, self.default_ratio, self.protect, self.control = index, ratio, protect, control
+        self.shared = shared  # one index set for the whole batch (needed by unbatched tables)
 
     def forward(self, x: torch.Tensor):
         ratio = self.control.ratio(self.index, self.default_ratio)
         if ratio == 0:
             return None  # no RNG drawn, gathers and scatters become identities
+        if self.shared:
+            ids = select_tokens(1, x.shape[1], ratio, self.protect, x.device, self.control.generator)
+            return ids.expand(x.shape[0], -1)
         return select_tokens(x.shape[0], x.shape[1], ratio, self.protect, x.device,
                              self.control.generator)
 
     def extra_repr(self) -> str:
-        return f"route={self.index}, ratio={self.default_ratio}, protect={self.protect}"
+        return f"route={self.index}, ratio={self.default_ratio}, protect={self.protect}, shared={self.shared}"
 
 
 def _token_index(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -73,6 +77,18 @@ def gather_tokens(x: torch.Tensor, ids):
     if x.shape[0] != ids.shape[0]:
         x = x.expand(ids.shape[0], *x.shape[1:])
     return x.gather(1, _token_index(ids, x))
+
+
+def gather_table(table: torch.Tensor, ids, num_tokens, dim: int):
+    """Rows of a per-token table for the kept tokens along `dim`: the table's last `num_tokens`
+    rows belong to the routed stream (rows before them, e.g. text, are all kept). `num_tokens` is
+    an int or the full stream tensor (its dim 1, read at run time). Needs batch-shared `ids`."""
+    if ids is None:
+        return table
+    n = num_tokens if isinstance(num_tokens, int) else num_tokens.shape[1]
+    off = table.shape[dim] - n
+    rows = torch.cat([torch.arange(off, device=ids.device), ids[0] + off])
+    return table.index_select(dim, rows)
 
 
 def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:
