@@ -94,10 +94,6 @@ class ShadowAttribute(Attribute, ShadowProxy):
     """`proxy.attr`, created lazily like fx's `Attribute`, with shadow powers."""
 
 
-def _map(obj, fn):
-    return fx.node.map_aggregate(obj, lambda a: fn(a) if isinstance(a, fx.Proxy) else a)
-
-
 def _spec(value):
     if isinstance(value, torch.Tensor):
         return TensorSpec(tuple(value.shape), value.dtype)
@@ -124,11 +120,11 @@ class ShadowTracer(fx.Tracer):
     def proxy(self, node):
         return ShadowProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if kind != "placeholder":
-            self.values[proxy.node] = self._run(kind, target, args, kwargs)
-        return proxy
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind not in ("placeholder", "output"):  # every node, get_attr of buffers included
+            self.values[node] = self._run(kind, target, args, kwargs)
+        return node
 
     def to_bool(self, obj):
         return self.concretize(obj, "bool")
@@ -158,7 +154,7 @@ class ShadowTracer(fx.Tracer):
         return self.values[p.node]
 
     def _run(self, kind, target, args, kwargs):
-        cargs, ckwargs = _map(args, self.value_of), _map(kwargs, self.value_of)
+        cargs, ckwargs = fx.node.map_arg((args, kwargs), lambda n: self.values[n])
         with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad(), self.mode or contextlib.nullcontext():
             if kind == "call_function":
                 return target(*cargs, **ckwargs)

@@ -20,14 +20,16 @@ naming the node. Lint and recompile are left to the caller (once, at the end).
 import dataclasses
 import operator
 
+import torch
 import torch.fx as fx
+from torch import nn
 
 from routefx.errors import INSPECT_HINT, RouteError
 from routefx.ops import RouteSelector, gather_table, gather_tokens, scatter_tokens
 from .find_blocks import dataflow_graph
 from .streams import flat_inputs, span_region, token_kind
 
-__all__ = ["RoutePlan", "insert_routes"]
+__all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
 
 
 @dataclasses.dataclass
@@ -57,11 +59,14 @@ def _where(node):
     return f"'{node.name}' ({node.format_node()})"
 
 
-def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control) -> list:
-    """Insert every route (sorted, non-overlapping, resolved) into `gm.graph`; return the plans."""
+def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control, shared_indices=False) -> list:
+    """Insert every route (sorted, non-overlapping, resolved) into `gm.graph`; return the plans.
+
+    `shared_indices`: one index set for the whole batch (required by unbatched per-token tables).
+    """
     plans, selectors = [], []
     for i, route in enumerate(routes):
-        plan, sel = _insert_one(gm, chain, streams, i, route, control)
+        plan, sel = _insert_one(gm, chain, streams, i, route, control, shared_indices)
         plans.append(plan)
         selectors.append(sel)
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -73,15 +78,18 @@ def _check_route(chain, streams, i, route):
     s, e = route.start, route.end
     if streams.failed_at is not None and streams.failed_at[0] <= e:
         b, err = streams.failed_at
+        where = "fails" if s <= b else "sits before this route and fails"
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
-                         f"fails when it gets fewer tokens than it was traced with ({type(err).__name__}: {err}). "
-                         f"It probably reshapes tokens to the image grid; end the route before block {b}.") from err
+                         f"{where} when it gets fewer tokens than it was traced with ({type(err).__name__}: {err}); "
+                         f"it probably reshapes tokens to the image grid. routefx follows the token stream "
+                         f"with fewer tokens through the chain, so it cannot see past that block: use routes "
+                         f"that end before block {b}.") from err
     n = streams.num_tokens - streams.protect
     if route.num_kept(n) <= 0:
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
 
 
-def _insert_one(gm, chain, streams, i, route, control):
+def _insert_one(gm, chain, streams, i, route, control, shared_indices):
     _check_route(chain, streams, i, route)
     graph = gm.graph
     g = dataflow_graph(graph)
@@ -99,8 +107,15 @@ def _insert_one(gm, chain, streams, i, route, control):
         raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'). "
                          f"{INSPECT_HINT}")
     name = f"routefx_route_{i}"
-    shared = any(kind.startswith("table") for kind, _ in entering.values())
-    gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared))
+    tables = [u for u, (kind, _) in entering.items() if kind == "table0"]
+    if tables and not shared_indices:
+        u = tables[0]
+        raise RouteError(f"Route {i}: the unbatched per-token table {_where(u)} of shape {_shape(u)} enters "
+                         f"blocks {route.start}..{route.end}. Without a batch dim it can only follow ONE "
+                         f"index set for the whole batch, while TREAD draws one per sample. Pass "
+                         f"shared_indices=True to routefx.apply to accept that (e.g. rotary tables), or give "
+                         f"the table a batch dim.")
+    gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared_indices))
     with graph.inserting_before(first):
         sel = graph.call_module(name, (primary,))
     sel.meta["routefx"] = {"selector": i, "token": False}
@@ -108,12 +123,15 @@ def _insert_one(gm, chain, streams, i, route, control):
     gathered = {}
     for u, (kind, users) in entering.items():
         with graph.inserting_before(users[0]):
-            if kind.startswith("table"):
-                node = graph.call_function(gather_table, (u, sel, primary, int(kind[-1])))
+            if kind == "table0":
+                node = graph.call_function(gather_table, (u, sel, primary, 0))
+            elif kind == "table1":
+                node = graph.call_function(gather_table, (u, sel, primary, 1))
             else:
                 node = graph.call_function(gather_tokens, (u, sel))
-        node.meta["routefx"] = {"token": True, "gather_of": u, "route": i, "spec": None}
-        gathered[node] = u
+        node.meta["routefx"] = {"token": kind == "token", "gather_of": u, "route": i, "spec": None}
+        if kind == "token":
+            gathered[node] = u  # the stream's route-start values: what leaving tensors continue
         for v in users:
             v.replace_input_with(u, node)
     _scatter_leaving(graph, region, order, gathered, sel, plan)
@@ -207,3 +225,28 @@ def _scatter_leaving(graph, region, order, gathered, sel, plan):
         plan.scattered.append({"tensor": u.name, "shape": _shape(base), "base": base.name})
         for v in outside:
             v.replace_input_with(u, node)
+
+
+class Float32Block(nn.Module):
+    """Runs a block with autocast off and float inputs in float32 (after a route's end)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
+        args, kwargs = fx.node.map_aggregate((args, kwargs), up)
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return self.block(*args, **kwargs)
+
+
+def fp32_after_routes(gm: fx.GraphModule, chain, routes: list) -> None:
+    """Point the call of the block after each route's end at a `Float32Block` wrapper."""
+    for i, route in enumerate(routes):
+        if route.end + 1 < len(chain):
+            node = chain.nodes[route.end + 1]
+            name = f"routefx_fp32_{i}"
+            gm.add_submodule(name, Float32Block(gm.get_submodule(node.target)))
+            node.target = name

@@ -51,6 +51,8 @@ def flat_inputs(node: fx.Node) -> list:
 def projections(node: fx.Node) -> list:
     """`getitem` / `getattr` users that pick an element out of a tuple / container value."""
     import operator
+    if not isinstance(node.meta.get("routefx", {}).get("spec"), (tuple, list)):
+        return []  # x[:, k:] on a tensor is an op, not a pick out of a container
     return [u for u in node.users if u.op == "call_function" and u.target in (operator.getitem, getattr)
             and u.args[0] is node]
 
@@ -160,9 +162,10 @@ class _Stop(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm, region, after0, streams, keep, last):
+    def __init__(self, gm, region, after0, streams, keep):
         super().__init__(gm)
-        self.region, self.after0, self.streams, self.keep, self.last = region, after0, streams, keep, last
+        self.region, self.after0, self.streams, self.keep = region, after0, streams, keep
+        self.todo = set(region)  # stop once every node of the span has run
         self.ids = None
         self.gathered = {}
 
@@ -187,7 +190,8 @@ class _Probe(fx.Interpreter):
         finally:
             self.env.update(saved)
         n.meta.setdefault("routefx", {})["token"] = _label(out, self.streams.batch, self.keep)
-        if n is self.last:
+        self.todo.discard(n)
+        if not self.todo:
             raise _Stop
         return out
 
@@ -200,7 +204,7 @@ class _Probe(fx.Interpreter):
                 ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
                 self.ids = ids[:, : self.keep].expand(s.batch, -1)
             kind = token_kind(u, s)
-            if kind.startswith("table"):
+            if kind in ("table0", "table1"):
                 self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]))
             else:
                 self.gathered[u] = gather_tokens(x, self.ids)
@@ -211,7 +215,7 @@ def _probe(gm, chain, g, streams, values, example, mode):
     keep = _probe_count(streams.num_tokens, streams.protect, values)
     first, last = chain.nodes[0], chain.nodes[-1]
     region = span_region(g, first, last)
-    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep, last)
+    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep)
     try:
         with torch.no_grad(), mode or contextlib.nullcontext():
             probe.run(*example)

@@ -53,14 +53,17 @@ class RoutedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None,
-                 leaf_modules=(), generator=None, static_batch=False):
+                 leaf_modules=(), generator=None, static_batch=False, compile=None, fp32_after_route=False,
+                 shared_indices=False):
         super().__init__()
         self.module = model
         self.routes = as_routes(routes)
         _check_names(model, self.routes, blocks, leaf_modules)
         self.control = RouteControl(generator)
         self.options = dict(blocks=blocks, protect=protect, leaf_modules=tuple(leaf_modules),
-                            keep_batch=static_batch)
+                            keep_batch=static_batch, fp32_after_route=fp32_after_route,
+                            shared_indices=shared_indices)
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._graphs = []
         self._last = None
         self._register_state_dict_hook(_strip_prefix)
@@ -79,7 +82,10 @@ class RoutedModule(nn.Module):
         if not (self.training or self.control.forced):
             return self.module(*args, **kwargs)
         rg = self.graph_for(args, kwargs)
-        out = rg.gm(*flatten((args, kwargs), is_leaf=_is_tensor)[0])
+        tensors = flatten((args, kwargs), is_leaf=_is_tensor)[0]
+        if rg.compiled is not None:
+            _mark_batch_dynamic(tensors)
+        out = (rg.gm if rg.compiled is None else rg.compiled)(*tensors)
         k = len(rg.plans)
         self._last = (rg, out[len(out) - k:])
         return rg.rebuild_output(list(out[: len(out) - k]))
@@ -91,6 +97,8 @@ class RoutedModule(nn.Module):
             if _same(k, key):
                 return rg
         rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
+        if self.compile_options is not None:
+            rg.compiled = torch.compile(rg.gm, **self.compile_options)
         self._graphs.append((key, rg))
         return rg
 
@@ -140,6 +148,14 @@ def _check_names(model, routes, blocks, leaf_modules):
                              f"{INSPECT_HINT}")
 
 
+def _mark_batch_dynamic(tensors):
+    """One compiled graph for every batch size: dim 0 of the batched inputs is dynamic."""
+    batch = tensors[0].shape[0] if tensors[0].dim() else None
+    for t in tensors:
+        if t.dim() and t.shape[0] == batch and batch > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
 def _same(a, b) -> bool:
     try:
         return bool(a == b)
@@ -169,7 +185,8 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing, une
 
 
 def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None, leaf_modules=(),
-          generator=None, static_batch=False) -> RoutedModule:
+          generator=None, static_batch=False, compile=None, fp32_after_route=False,
+          shared_indices=False) -> RoutedModule:
     """Route tokens around blocks of `model` during training (TREAD), without editing its code.
 
     Args:
@@ -184,6 +201,12 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
         leaf_modules: extra module names not to trace into.
         generator: a `torch.Generator` for the token selection (default: the global RNG).
         static_batch: re-trace per batch size (for code that bakes the batch size in).
+        compile: True (or a dict of `torch.compile` options) to compile each routed graph, with
+            the batch dim marked dynamic: one compilation serves every batch size.
+        fp32_after_route: run the block right after each route's end with autocast disabled and
+            float inputs in float32 (the TREAD reference's stability measure under bf16).
+        shared_indices: draw one index set for the whole batch (`torch.rand(1, N)`), required
+            when an unbatched per-token table (e.g. rotary `(T_text + N, d)`) enters a route.
     Returns:
         A `RoutedModule`: call it like the model; in eval mode it IS the original forward.
 
@@ -202,7 +225,8 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
     if any(isinstance(m, RoutedModule) for m in model.modules()):
         raise RouteError("This model already contains a RoutedModule: call routefx.remove on it first.")
     return RoutedModule(model, routes, example_inputs=example_inputs, blocks=blocks, protect=protect,
-                        leaf_modules=leaf_modules, generator=generator, static_batch=static_batch)
+                        leaf_modules=leaf_modules, generator=generator, static_batch=static_batch,
+                        compile=compile, fp32_after_route=fp32_after_route, shared_indices=shared_indices)
 
 
 def remove(model: nn.Module) -> nn.Module:

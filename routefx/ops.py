@@ -35,7 +35,10 @@ def select_tokens(batch: int, num_tokens: int, ratio: float, protect: int, devic
     n_keep = n - int(n * ratio)
     if n_keep <= 0:
         raise RouteError(f"Route ratio {ratio} keeps no token of {n}: lower the ratio.")
-    noise = torch.rand(batch, n, device=device, generator=generator)
+    if generator is None:  # (the generator overload does not take a symbolic batch size)
+        noise = torch.rand(batch, n, device=device)
+    else:
+        noise = torch.rand(batch, n, device=device, generator=generator)
     ids = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
     if protect:
         prefix = torch.arange(protect, device=device).expand(batch, protect)
@@ -79,16 +82,21 @@ def gather_tokens(x: torch.Tensor, ids):
     return x.gather(1, _token_index(ids, x))
 
 
-def gather_table(table: torch.Tensor, ids, num_tokens, dim: int):
-    """Rows of a per-token table for the kept tokens along `dim`: the table's last `num_tokens`
-    rows belong to the routed stream (rows before them, e.g. text, are all kept). `num_tokens` is
-    an int or the full stream tensor (its dim 1, read at run time). Needs batch-shared `ids`."""
+def gather_table(table: torch.Tensor, ids, stream, dim: int):
+    """Rows of a per-token table for the kept tokens, along `dim` (0: unbatched, 1: `(1, S, ...)`).
+
+    The table's LAST N rows belong to the routed stream (N = `stream.shape[1]`, read at run time,
+    or an int); rows before them (e.g. text) are all kept. Along dim 0 the table has no batch
+    dim, so the route must use one index set for the whole batch (`ids[0]` is used).
+    """
     if ids is None:
         return table
-    n = num_tokens if isinstance(num_tokens, int) else num_tokens.shape[1]
+    n = stream if isinstance(stream, int) else stream.shape[1]
     off = table.shape[dim] - n
-    rows = torch.cat([torch.arange(off, device=ids.device), ids[0] + off])
-    return table.index_select(dim, rows)
+    if dim == 0:
+        return table.index_select(0, torch.cat([torch.arange(off, device=ids.device), ids[0] + off]))
+    head = torch.arange(off, device=ids.device).expand(ids.shape[0], off)
+    return gather_tokens(table, torch.cat([head, ids + off], dim=1))
 
 
 def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:

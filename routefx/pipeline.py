@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from routefx.passes.capture import capture
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
-from routefx.passes.insert_routes import insert_routes
+from routefx.passes.insert_routes import fp32_after_routes, insert_routes
 from routefx.passes.streams import analyze_streams
 
 from ._tree import flatten
@@ -38,6 +38,7 @@ class RoutedGraph:
     routes: list
     guards: list
     seconds: float
+    compiled: Any = None  # torch.compile(gm) when the routed module was asked to compile
 
 
 @contextlib.contextmanager
@@ -76,10 +77,14 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
         log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
                  type(e).__name__, e)
         return _build(model, args, kwargs, routes, control, fake=False, **options)
+    finally:
+        # inside an autocast region, autocast caches the low-precision copies of the weights it
+        # cast while we traced: fake tensors must not leak into the real forward that follows
+        torch.clear_autocast_cache()
 
 
 def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
-           keep_batch=False, fake=True) -> RoutedGraph:
+           keep_batch=False, fake=True, fp32_after_route=False, shared_indices=False) -> RoutedGraph:
     t0 = time.perf_counter()
     with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
@@ -92,7 +97,9 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
         with _stage("streams"):
             streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode)
         with _stage("insert_routes"):
-            plans = insert_routes(cap.gm, chain, streams, resolved, control)
+            plans = insert_routes(cap.gm, chain, streams, resolved, control, shared_indices)
+            if fp32_after_route:
+                fp32_after_routes(cap.gm, chain, resolved)
         cap.gm.graph.lint()
         cap.gm.recompile()
         user_generator, control.generator = control.generator, None  # verifying must not draw from it

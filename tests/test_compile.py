@@ -36,3 +36,22 @@ def test_compiled_routed_step_matches_eager(monkeypatch):
         if n in grads:
             assert torch.allclose(grads[n], p.grad, atol=1e-5, rtol=1e-4), n
     torch._dynamo.reset()
+
+
+def test_apply_compile_one_graph_for_every_batch_size(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 3, 0.5)], compile=True)
+    eager = routefx.apply(model, [(1, 3, 0.5)])
+    for batch in (3, 5, 2):
+        torch.manual_seed(batch)
+        out = routed(*dit_inputs(batch))
+        out.sum().backward()
+        torch.manual_seed(batch)
+        assert torch.allclose(out, eager(*dit_inputs(batch)), atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["frames"]["ok"] == 1, "no recompilation for new batch sizes"
+    torch._dynamo.reset()
