@@ -80,7 +80,8 @@ def _check_route(chain, streams, i, route):
         b, err = streams.failed_at
         where = "fails" if s <= b else "sits before this route and fails"
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
-                         f"{where} when it gets fewer tokens than it was traced with ({type(err).__name__}: {err}); "
+                         f"{where} when it gets fewer tokens than it was traced with ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}); "
                          f"it probably reshapes tokens to the image grid. routefx follows the token stream "
                          f"with fewer tokens through the chain, so it cannot see past that block: use routes "
                          f"that end before block {b}.") from err
