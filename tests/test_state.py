@@ -1,0 +1,130 @@
+"""State and memory tricks: state_dict both ways, deepcopy, save/load, .to(), optimizers,
+activation checkpointing, frozen blocks, no_grad, determinism, ratio schedules."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.utils.checkpoint as cp
+
+import routefx
+from helpers import dit_inputs, tiny_dit, tread_dit
+
+
+def test_state_dict_round_trips_both_ways():
+    routed = routefx.apply(tiny_dit(seed=0), [(1, 4, 0.5)])
+    plain = tiny_dit(seed=1)
+    routed.load_state_dict(plain.state_dict())           # plain -> routed
+    assert all(torch.equal(a, b) for a, b in zip(routed.module.state_dict().values(), plain.state_dict().values()))
+    other = tiny_dit(seed=2)
+    other.load_state_dict(routed.state_dict())            # routed -> plain, strict
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), plain.state_dict().values()))
+    holder = torch.nn.Sequential(routed)                  # nested: keys keep the parent's prefix only
+    assert list(holder.state_dict()) == ["0." + k for k in plain.state_dict()]
+    holder.load_state_dict({"0." + k: v for k, v in plain.state_dict().items()})
+
+
+def test_deepcopy_and_torch_save_of_routed_model():
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    routed(*dit_inputs(2))                                # captured graph exists
+    twin = copy.deepcopy(routed)
+    assert twin.module is not model and twin._graphs == []
+    buf = io.BytesIO()
+    torch.save(routed, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (twin, loaded):
+        torch.manual_seed(0)
+        a = m(*dit_inputs(3))
+        torch.manual_seed(0)
+        b = routed(*dit_inputs(3))
+        assert torch.equal(a, b)
+        assert m.routes == routed.routes
+
+
+def test_to_dtype_after_apply_recaptures():
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    routed(*dit_inputs(2))
+    routed.to(torch.float64)
+    assert routed._graphs == [], ".to() drops graphs that hold stale buffers"
+    x, t, y = dit_inputs(2)
+    with pytest.raises(RuntimeError):  # DiT's own timestep embedding is float32: eager fails too
+        model(x.double(), t.double(), y)
+    routed.to(torch.float32)
+    assert routed(x, t, y).dtype == torch.float32
+
+
+def test_optimizer_made_before_apply_still_trains():
+    model = tiny_dit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    before = model.blocks[2].attn.qkv.weight.detach().clone()
+    routed(*dit_inputs(2)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(before, model.blocks[2].attn.qkv.weight)
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, c):
+        return cp.checkpoint(self.block, x, c, use_reentrant=False)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    x, t, y = dit_inputs(3)
+    results = []
+    for wrap in (False, True):
+        model = tiny_dit()
+        if wrap:  # checkpointing applied inside the blocks of the model routefx sees
+            model.blocks = torch.nn.ModuleList(Checkpointed(b) for b in model.blocks)
+        routed = routefx.apply(model, [(1, 4, 0.5)])
+        torch.manual_seed(0)
+        loss = routed(x, t, y).square().mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-7) and len(g0) == len(g1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
+def test_frozen_blocks_and_no_grad_training_forward():
+    model = tiny_dit()
+    for p in model.blocks[:3].parameters():
+        p.requires_grad_(False)
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    routed(*dit_inputs(2)).square().mean().backward()
+    assert all(p.grad is None for p in model.blocks[:3].parameters())
+    assert all(p.grad is not None for p in model.blocks[3:].parameters())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = routed(*dit_inputs(2))
+    torch.manual_seed(0)
+    assert torch.equal(out, tread_dit(model, *dit_inputs(2), [routefx.Route(1, 4, 0.5)]).detach())
+
+
+def test_seeded_generator_is_bit_reproducible():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        routed = routefx.apply(tiny_dit(), [(1, 4, 0.5)], generator=torch.Generator().manual_seed(3))
+        outs.append((routed(*dit_inputs(4)), routed.routing[0].ids))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_ratio_schedule_between_steps_matches_reference():
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    for ratio in (0.25, 0.5, 0.0, 0.75):
+        routed.set_ratio(ratio)
+        torch.manual_seed(1)
+        out = routed(*dit_inputs(2))
+        torch.manual_seed(1)
+        assert torch.allclose(out, tread_dit(model, *dit_inputs(2), [routefx.Route(1, 4, ratio)]), atol=1e-6)
+    assert len(routed._graphs) == 1, "a ratio change reuses the graph"
+    with pytest.raises(routefx.RouteError, match="ratio"):
+        routed.set_ratio(1.5)
