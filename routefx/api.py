@@ -96,6 +96,11 @@ class RoutedModule(nn.Module):
         for k, rg in self._graphs:
             if _same(k, key):
                 return rg
+        return self._capture(key, args, kwargs)
+
+    @torch.compiler.disable
+    def _capture(self, key, args, kwargs):
+        """Build a routed graph (eager even inside torch.compile: dynamo must not trace a tracer)."""
         rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
         if self.compile_options is not None:
             rg.compiled = torch.compile(rg.gm, **self.compile_options)

@@ -14,10 +14,10 @@ def test_dynamo_sees_one_graph_without_breaks():
         torch._dynamo.reset()
 
 
-def test_compiled_routed_step_matches_eager(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)
+def test_compiled_routed_step_matches_eager():
     # inductor draws random numbers its own way; fallback_random makes it use eager's RNG so
     # the token selection (and DiT's label dropout) match the eager run exactly
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
@@ -38,8 +38,8 @@ def test_compiled_routed_step_matches_eager(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_apply_compile_one_graph_for_every_batch_size(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+@torch._inductor.config.patch(fallback_random=True)
+def test_apply_compile_one_graph_for_every_batch_size():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
