@@ -1,0 +1,407 @@
+"""Speed benchmark: full training steps of a dense backbone, routefx, and a hand-written TREAD.
+
+Three arms share one set of parameters and one AdamW optimizer, and run interleaved
+(A B C A B C ...) so that machine noise hits them alike:
+
+* ``dense``: the original model in train mode;
+* ``routefx``: ``routefx.apply(model, routes)`` in train mode;
+* ``hand``: a hand-written TREAD forward over the DiT/SiT modules (absent for other backbones).
+
+A step is forward + MSE loss + backward + ``AdamW.step``. The report gives median / min step
+times, routed/dense and routefx/hand ratios, the FLOP ratio counted by
+``torch.utils.flop_counter.FlopCounterMode`` over one fwd+bwd, efficiency (time speedup over FLOP
+speedup), peak memory per arm, the time of ``routefx.apply`` and the eval-mode forward ratio.
+
+    python -m routefx.bench --backbone DiT-B/2 --input-size 32 --routes 2,8,0.5 --batch 16
+"""
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import routefx
+from routefx.backbones import create, example_inputs, names
+from routefx.backbones.dit import DiT
+from routefx.route import resolve_routes
+
+__all__ = ["main", "run", "parse_args", "default_routes", "HandTread", "format_table"]
+
+ARMS = ("dense", "routefx", "hand")
+
+
+#################################################################################
+#                                 Configuration                                 #
+#################################################################################
+
+def _route(text: str) -> tuple:
+    try:
+        start, end, ratio = text.split(",")
+        return int(start), int(end), float(ratio)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a route is START,END,RATIO (e.g. 2,8,0.5), got {text!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options; see `python -m routefx.bench --help`."""
+    p = argparse.ArgumentParser(prog="python -m routefx.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="DiT-B/2", help=f"one of: {', '.join(names())}")
+    p.add_argument("--input-size", type=int, default=None, help="latent side (default: the backbone's)")
+    p.add_argument("--routes", type=_route, action="append", default=None, metavar="S,E,R",
+                   help="a route START,END,RATIO; repeatable (default: the paper rule 2,B-4,0.5)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 16 on cpu, 32 on cuda)")
+    p.add_argument("--steps", type=int, default=7, help="timed rounds, median over them (use >= 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compile happens here)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each arm")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 runs forward and loss under autocast")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
+    return p.parse_args(argv)
+
+
+def default_routes(num_blocks: int) -> list:
+    """The paper's rule: one route from block 2 to block B-4 at ratio 0.5 (clamped for tiny B).
+
+    Example:
+        >>> default_routes(12), default_routes(28)
+        ([(2, 8, 0.5)], [(2, 24, 0.5)])
+    """
+    start = min(2, num_blocks - 1)
+    return [(start, max(start, num_blocks - 4), 0.5)]
+
+
+#################################################################################
+#                                 Model set-up                                  #
+#################################################################################
+
+def _create(name: str, input_size, device) -> nn.Module:
+    if input_size is None:
+        return create(name).to(device)
+    key = "img_size" if name.startswith("U-ViT") else "input_size"
+    try:
+        return create(name, **{key: input_size}).to(device)
+    except TypeError as e:
+        raise SystemExit(f"{name} does not take an input size ({e}); leave --input-size out.") from e
+
+
+def _chain(model, inputs) -> tuple:
+    """(blocks in the chain, tokens N) as routefx sees them, from a ratio-0 capture."""
+    rg = routefx.apply(model, [(0, 0, 0.0)], example_inputs=inputs)._graphs[0][1]
+    return len(rg.chain), rg.plans[0].num_tokens
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _amp(device, dtype):
+    if dtype == "bfloat16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _kept_ids(batch: int, n: int, ratio: float, device) -> torch.Tensor:
+    n_keep = n - int(n * ratio)
+    return torch.rand(batch, n, device=device).argsort(dim=1)[:, :n_keep].sort(dim=1).values
+
+
+class HandTread(nn.Module):
+    """TREAD (TREAD.md section 1) written by hand over a DiT/SiT; shares the model's parameters."""
+
+    def __init__(self, model: DiT, routes: list):
+        super().__init__()
+        self.model = model
+        self.starts = {r.start: r.ratio for r in routes}
+        self.ends = {r.end for r in routes}
+
+    def forward(self, x, t, y):
+        m = self.model
+        h = m.x_embedder(x) + m.pos_embed  # (N, T, D)
+        c = m.t_embedder(t) + m.y_embedder(y, m.training)  # (N, D)
+        saved = index = None
+        for i, block in enumerate(m.blocks):
+            if i in self.starts:
+                ids = _kept_ids(h.shape[0], h.shape[1], self.starts[i], h.device)  # (N, T_keep)
+                saved, index = h, ids[..., None].expand(-1, -1, h.shape[-1])
+                h = h.gather(1, index)  # (N, T_keep, D)
+            h = block(h, c)
+            if i in self.ends:
+                h = saved.scatter(1, index, h)  # (N, T, D), out of place
+        return m.unpatchify(m.final_layer(h, c))  # (N, C, H, W)
+
+
+def _arms(model, routed, routes, compile_: bool) -> dict:
+    """name -> callable for each arm (compiled when asked); `hand` is None off the DiT family."""
+    eager = {"dense": model, "routefx": routed,
+             "hand": HandTread(model, routes) if isinstance(model, DiT) else None}
+    if not compile_:
+        return eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 512)
+    return {k: None if m is None else torch.compile(m) for k, m in eager.items()}
+
+
+#################################################################################
+#                                   Measuring                                   #
+#################################################################################
+
+def _step(arm, opt, inputs, target, amp):
+    opt.zero_grad(set_to_none=True)
+    with amp:
+        out = arm(*inputs)
+    F.mse_loss(out.float(), target).backward()
+    opt.step()
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_rounds(arms: dict, fn, rounds: int, device) -> dict:
+    """Milliseconds per call of `fn(arm)` for every arm, interleaved A B C A B C ... `rounds` times."""
+    times = {k: [] for k, a in arms.items() if a is not None}
+    for _ in range(rounds):
+        for k in times:
+            times[k].append(_timed(lambda: fn(arms[k]), device))
+    return times
+
+
+def count_flops(arm, inputs, amp) -> int:
+    """FLOPs of one forward + backward of `arm` (FlopCounterMode; gradients discarded)."""
+    with FlopCounterMode(display=False) as counter:
+        with amp:
+            out = arm(*inputs)
+        out.float().square().mean().backward()
+    for p in arm.parameters():
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_peak(fn) -> tuple:
+    """Peak RSS growth during `fn()` in bytes: Linux VmHWM reset, else process-wide ru_maxrss."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse is not free
+    if not _reset_hwm():
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, \
+            "cpu: ru_maxrss, process-wide high-water mark (not per arm)"
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) * 1024, "cpu: peak RSS growth over the step (VmHWM reset per arm)"
+
+
+def peak_memory(fn, device) -> tuple:
+    """(bytes, method) of one call of `fn()`: CUDA max_memory_allocated, CPU see `_cpu_peak`."""
+    if torch.device(device).type != "cuda":
+        return _cpu_peak(fn)
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device), "cuda: torch.cuda.max_memory_allocated, reset per arm"
+
+
+def _time_apply(model, routes, inputs, device) -> tuple:
+    _sync(device)
+    t0 = time.perf_counter()
+    routed = routefx.apply(model, routes, example_inputs=inputs)
+    _sync(device)
+    return routed, time.perf_counter() - t0
+
+
+def _eval_forward(model, routed, inputs, amp, rounds, device) -> dict:
+    routed.eval()  # the original module's mode follows
+    with torch.no_grad(), amp:
+        times = time_rounds({"dense": model, "routefx": routed}, lambda a: a(*inputs), rounds + 1, device)
+    routed.train()
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"compiled": False, "dense_ms": med["dense"], "routefx_ms": med["routefx"],
+            "ratio": med["routefx"] / med["dense"]}
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+def _arm_summary(times: list, warmup: int) -> dict:
+    timed = times[warmup:]
+    return {"median_ms": statistics.median(timed), "min_ms": min(timed), "times_ms": timed,
+            "warmup_ms": times[:warmup]}
+
+
+def _ratios(arms: dict) -> dict:
+    d, r, h = (arms.get(k) for k in ARMS)
+    flop_ratio = r["flops"] / d["flops"]
+    out = {"routefx_over_dense": r["median_ms"] / d["median_ms"], "flop_ratio": flop_ratio,
+           "efficiency": (d["median_ms"] / r["median_ms"]) / (d["flops"] / r["flops"]),
+           "hand_over_dense": None, "routefx_over_hand": None, "hand_efficiency": None}
+    if h is not None:
+        out["hand_over_dense"] = h["median_ms"] / d["median_ms"]
+        out["routefx_over_hand"] = r["median_ms"] / h["median_ms"]
+        out["hand_efficiency"] = (d["median_ms"] / h["median_ms"]) / (d["flops"] / h["flops"])
+    return out
+
+
+def flop_ratio_estimate(num_blocks: int, routes: list) -> float:
+    """TREAD.md section 6: blocks only, `(B - sum L * ratio) / B`."""
+    return (num_blocks - sum((r.end - r.start + 1) * r.ratio for r in routes)) / num_blocks
+
+
+def _env(device) -> dict:
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    if dev.type == "cpu" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return {"torch": torch.__version__, "python": platform.python_version(), "device_name": name,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _fmt(v, spec=".2f", suffix="x") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def format_table(res: dict) -> str:
+    """The human-readable report of a `run` result."""
+    c, r, arms = res["config"], res["ratios"], res["arms"]
+    lines = [f"routefx bench: {c['backbone']} input {c['input_size']} ({res['tokens']} tokens, "
+             f"{res['blocks']} blocks) batch {c['batch']} routes {c['routes']}",
+             f"  {res['env']['device_name']} ({c['device']}), {'compiled' if c['compile'] else 'eager'}, "
+             f"{c['dtype']}, {res['env']['threads']} threads, torch {res['env']['torch']}",
+             f"{'arm':<14}{'median ms':>11}{'min ms':>10}{'vs dense':>10}{'GFLOP':>10}{'peak MB':>10}"]
+    for k in ARMS:
+        a = arms[k]
+        if a is None:
+            lines.append(f"{k:<14}{'(not a DiT/SiT backbone)':>40}")
+            continue
+        lines.append(f"{k:<14}{a['median_ms']:>11.1f}{a['min_ms']:>10.1f}"
+                     f"{a['median_ms'] / arms['dense']['median_ms']:>9.3f}x{a['flops'] / 1e9:>10.1f}"
+                     f"{a['peak_mem_bytes'] / 2**20:>10.0f}")
+    lines += [f"routefx/hand-written {_fmt(r['routefx_over_hand'], '.3f')}   FLOP ratio routed/dense "
+              f"{r['flop_ratio']:.3f} (section-6 estimate {res['flop_ratio_estimate']:.3f})",
+              f"efficiency (time speedup / FLOP speedup): routefx {r['efficiency']:.3f}, "
+              f"hand {_fmt(r['hand_efficiency'], '.3f', '')}",
+              f"apply(): {res['apply_s']:.2f} s   eval forward: dense {res['eval']['dense_ms']:.1f} ms, "
+              f"routefx {res['eval']['routefx_ms']:.1f} ms, ratio {res['eval']['ratio']:.3f}",
+              f"memory: {res['memory_method']}"]
+    return "\n".join(lines)
+
+
+#################################################################################
+#                                    Driver                                     #
+#################################################################################
+
+def _setup(args) -> tuple:
+    torch.manual_seed(args.seed)
+    model = _create(args.backbone, args.input_size, args.device).train()
+    batch = args.batch or (32 if torch.device(args.device).type == "cuda" else 16)
+    inputs = example_inputs(model, batch)
+    num_blocks, tokens = _chain(model, inputs)
+    routes = resolve_routes(args.routes or default_routes(num_blocks), num_blocks)
+    return model, batch, inputs, num_blocks, tokens, routes
+
+
+def _measure_arms(arms, eager, model, inputs, args) -> dict:
+    amp = _amp(args.device, args.dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with torch.no_grad():
+        target = torch.randn_like(model(*inputs).float())
+    step = lambda arm: _step(arm, opt, inputs, target, amp)  # noqa: E731
+    times = time_rounds(arms, step, args.warmup + args.steps, args.device)
+    out, method = {k: None for k in ARMS}, None
+    for k in times:
+        out[k] = _arm_summary(times[k], args.warmup)
+        out[k]["peak_mem_bytes"], method = peak_memory(lambda: step(arms[k]), args.device)
+        out[k]["flops"] = count_flops(eager[k], inputs, amp)
+    return out, method
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark for parsed `args`; returns the result dict (see `main`)."""
+    env = _env(args.device)  # load average before the run
+    model, batch, inputs, num_blocks, tokens, routes = _setup(args)
+    routed, apply_s = _time_apply(model, routes, inputs, args.device)
+    eager = _arms(model, routed, routes, False)
+    arms = _arms(model, routed, routes, args.compile)
+    measured, method = _measure_arms(arms, eager, model, inputs, args)
+    config = {k: getattr(args, k) for k in ("backbone", "input_size", "steps", "warmup", "device",
+                                            "compile", "dtype", "threads", "seed")}
+    config.update(batch=batch, routes=[[r.start, r.end, r.ratio] for r in routes])
+    return {"config": config, "env": env, "blocks": num_blocks, "tokens": tokens,
+            "arms": measured, "ratios": _ratios(measured), "apply_s": apply_s,
+            "flop_ratio_estimate": flop_ratio_estimate(num_blocks, routes),
+            "eval": _eval_forward(model, routed, inputs, _amp(args.device, args.dtype), args.steps, args.device),
+            "memory_method": method}
+
+
+def main(argv=None) -> dict:
+    """Benchmark dense vs routefx vs hand-written TREAD training steps and print a report.
+
+    Args:
+        argv: command-line arguments (default: `sys.argv[1:]`); see `--help`.
+    Returns:
+        The result dict: `config`, `env`, `blocks`, `tokens`, `arms` (per arm: `median_ms`, `min_ms`,
+        `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`; `hand` is None off the DiT family),
+        `ratios`, `flop_ratio_estimate`, `apply_s`, `eval`, `memory_method`.
+
+    Example:
+        >>> res = main(["--backbone", "DiT-T/2", "--input-size", "8", "--batch", "2",
+        ...             "--steps", "1", "--warmup", "0"])   # doctest: +SKIP
+        >>> res["ratios"]["routefx_over_dense"] > 0          # doctest: +SKIP
+        True
+    """
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads or threads)
+        res = run(args)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+    print(format_table(res), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+    elif args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()
