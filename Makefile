@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip
 
 setup: $(VENV)/.routefx-setup
 
-# torch/torchvision are pinned here (dev/CI), not in the package metadata (users need torch>=2.4).
+# torch/torchvision are pinned here (dev/CI), not in the package metadata (users need torch>=2.11).
 # mamba-ssm ships as an sdist only; these flags build it without CUDA (see docs/install.md).
 $(VENV)/.routefx-setup: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -182,12 +182,22 @@ class ShadowTracer(fx.Tracer):
 
 @contextlib.contextmanager
 def _not_tracing():
-    prev = fx._symbolic_trace._get_is_fx_tracing()
-    fx._symbolic_trace._set_is_fx_tracing(False)
+    """Run real module code inside the tracer without fx thinking it is being traced.
+
+    torch >= 2.12 keeps the flag behind `_get/_set_is_fx_tracing`; older releases (2.4-2.11) keep
+    it in the module global `_is_fx_tracing_flag`.
+    """
+    st = fx._symbolic_trace
+    if hasattr(st, "_set_is_fx_tracing"):
+        get, put = st._get_is_fx_tracing, st._set_is_fx_tracing
+    else:
+        get, put = (lambda: st._is_fx_tracing_flag), (lambda v: setattr(st, "_is_fx_tracing_flag", v))
+    prev = get()
+    put(False)
     try:
         yield
     finally:
-        fx._symbolic_trace._set_is_fx_tracing(prev)
+        put(prev)
 
 
 def _fetch_attr(root, target: str):
