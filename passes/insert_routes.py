@@ -114,7 +114,8 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
         raise RouteError(f"Route {i}: the unbatched per-token table {_where(u)} of shape {_shape(u)} enters "
                          f"blocks {route.start}..{route.end}. Without a batch dim it can only follow ONE "
                          f"index set for the whole batch, while TREAD draws one per sample. Pass "
-                         f"shared_indices=True to routefx.apply to accept that (e.g. rotary tables), or give "
+                         f"shared_indices=True to routefx.apply (--shared-indices in routefx.inspect) to accept that "
+                         f"(e.g. rotary tables), or give "
                          f"the table a batch dim.")
     gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared_indices))
     with graph.inserting_before(first):
@@ -127,9 +128,9 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
             if kind == "table0":
                 node = graph.call_function(gather_table, (u, sel, primary, 0))
             elif kind == "table1":
-                node = graph.call_function(gather_table, (u, sel, primary, 1))
+                node = graph.call_function(gather_table, (u, sel, primary, 1, shared_indices))
             else:
-                node = graph.call_function(gather_tokens, (u, sel))
+                node = graph.call_function(gather_tokens, (u, sel, shared_indices and kind == "broadcast"))
         node.meta["routefx"] = {"token": kind == "token", "gather_of": u, "route": i, "spec": None}
         if kind == "token":
             gathered[node] = u  # the stream's route-start values: what leaving tensors continue

@@ -13,6 +13,7 @@ occurs nowhere else in the model, and a value is part of the stream iff it shows
 a text stream whose length equals the image token count is still told apart.
 """
 import contextlib
+import logging
 import dataclasses
 
 import networkx as nx
@@ -70,8 +71,10 @@ def token_kind(node: fx.Node, streams: Streams) -> str:
 
     'token': the routed stream (per-sample gather); 'broadcast': a `(1, N, ...)` table (gathered
     per sample); 'table0' / 'table1': a per-token table along dim 0 (unbatched, e.g. rotary
-    `(T_text + N, d)`) or dim 1 (`(1, T_text + N, ...)`) whose LAST N rows belong to the stream
-    (rows before them are kept; needs one index set shared by the batch); 'pass': untouched.
+    `(T_text + N, d)`) or dim 1 (`(1, T_text + N, ...)`) whose last rows line up with the
+    stream's last tokens: extra rows in front are kept, and a table may lack rows only for
+    protected prefix tokens (rotary tables of the patch tokens only, `(N - prefix, d)`);
+    'pass': untouched.
     """
     meta = node.meta.get("routefx", {})
     if meta.get("token") is True:
@@ -80,12 +83,13 @@ def token_kind(node: fx.Node, streams: Streams) -> str:
     if shape is None:
         return "pass"
     n, b = streams.num_tokens, streams.batch
+    rows = n - streams.protect if streams.protect else n  # fewest rows a per-token table can have
     per_token_ok = node not in streams.input_derived or b >= 2  # with batch 1, (1, N, D) may be data
     if len(shape) >= 2 and shape[0] == 1 and shape[1] == n and per_token_ok:
         return "broadcast"
-    if len(shape) >= 3 and shape[0] == 1 and shape[1] > n and per_token_ok:
+    if len(shape) >= 3 and shape[0] == 1 and shape[1] >= rows and per_token_ok:
         return "table1"
-    if len(shape) >= 2 and shape[0] >= n and shape[0] != b:
+    if len(shape) >= 2 and shape[0] >= rows and shape[0] != b:
         return "table0"
     return "pass"
 
@@ -122,7 +126,8 @@ def _probe_count(n_total: int, protect: int, values: dict) -> int:
                      f"trace with a larger example input. {INSPECT_HINT}")
 
 
-def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None) -> Streams:
+def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None,
+                    shared: bool = False) -> Streams:
     """Label every node of `gm` with `meta['routefx']['token']` (see module docstring)."""
     g = dataflow_graph(gm.graph)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -147,7 +152,7 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
         if n not in after0:
             ok = n in from_src and _label(values.get(n), batch, n_total) is True
             n.meta.setdefault("routefx", {})["token"] = ok
-    _probe(gm, chain, g, streams, values, example, mode)
+    _probe(gm, chain, g, streams, values, example, mode, shared)
     return streams
 
 
@@ -162,9 +167,9 @@ class _Stop(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm, region, after0, streams, keep):
+    def __init__(self, gm, region, after0, streams, keep, shared):
         super().__init__(gm)
-        self.region, self.after0, self.streams, self.keep = region, after0, streams, keep
+        self.region, self.after0, self.streams, self.keep, self.shared = region, after0, streams, keep, shared
         self.todo = set(region)  # stop once every node of the span has run
         self.ids = None
         self.gathered = {}
@@ -205,19 +210,32 @@ class _Probe(fx.Interpreter):
                 self.ids = ids[:, : self.keep].expand(s.batch, -1)
             kind = token_kind(u, s)
             if kind in ("table0", "table1"):
-                self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]))
+                self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]), self.shared)
             else:
-                self.gathered[u] = gather_tokens(x, self.ids)
+                self.gathered[u] = gather_tokens(x, self.ids, self.shared and kind == "broadcast")
         return self.gathered[u]
 
 
-def _probe(gm, chain, g, streams, values, example, mode):
+@contextlib.contextmanager
+def _quiet_fake_tensor():
+    """A block failing on fewer tokens is an expected answer of the probe: keep fake-tensor
+    dispatch from logging it as an error (the route that needs that block reports it)."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _probe(gm, chain, g, streams, values, example, mode, shared):
     keep = _probe_count(streams.num_tokens, streams.protect, values)
     first, last = chain.nodes[0], chain.nodes[-1]
     region = span_region(g, first, last)
-    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep)
+    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep, shared)
     try:
-        with torch.no_grad(), mode or contextlib.nullcontext():
+        with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
             probe.run(*example)
     except _Stop:
         return

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .api import apply
 from .errors import RouteError
-from .route import Route
+from .route import Route, paper_route
 
 __all__ = ["inspect_model", "format_report", "load_model_file", "parse_inputs", "main"]
 
@@ -116,11 +116,6 @@ def _step(model, args, kwargs):
     return run
 
 
-def _paper_route(num_blocks: int) -> Route:
-    start = min(2, max(num_blocks - 2, 0))
-    return Route(start, max(start, num_blocks - 4), 0.5)
-
-
 def inspect_model(model: nn.Module, args: tuple, kwargs: dict, routes=None, check=False, **apply_kw) -> dict:
     """Capture `model`, find its chain, and cost `routes` (default: the paper's rule).
 
@@ -130,7 +125,7 @@ def inspect_model(model: nn.Module, args: tuple, kwargs: dict, routes=None, chec
     model.train()
     probe = apply(model, [], example_inputs=(args, kwargs), **apply_kw)
     rg0 = probe._graphs[0][1]
-    routes = list(routes) if routes else [_paper_route(len(rg0.chain))]
+    routes = list(routes) if routes else [paper_route(len(rg0.chain))]
     fwd_dense, per_module = _flops(lambda: model(*args, **kwargs))
     step_dense = _flops(_step(model, args, kwargs))[0]
     model.zero_grad(set_to_none=True)
@@ -238,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--route", action="append", default=[], help="START,END,RATIO (repeatable)")
     ap.add_argument("--blocks", nargs="+", help="explicit block module names (or one container name)")
     ap.add_argument("--protect", type=int, help="prefix tokens never routed")
+    ap.add_argument("--shared-indices", action="store_true",
+                    help="one index set for the whole batch (needed by unbatched per-token tables)")
     ap.add_argument("--graph", help="write the block-level graph: out.svg, out.png or out.dot")
     ap.add_argument("--check", action="store_true", help="run a routed train step and an eval step")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -247,7 +244,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         mod, model = load_model_file(a.model_file, a.factory)
         args, kwargs = _example(mod, model, a.inputs)
-        kw = {"blocks": a.blocks[0] if a.blocks and len(a.blocks) == 1 else a.blocks, "protect": a.protect}
+        kw = {"blocks": a.blocks[0] if a.blocks and len(a.blocks) == 1 else a.blocks, "protect": a.protect,
+              "shared_indices": a.shared_indices}
         routes = [_parse_route(r) for r in a.route] or None
         rep = inspect_model(model, args, kwargs, routes, check=a.check, **kw)
         if a.graph:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import UViT, create, names
 from .backbones.dit import DiT
-from .route import Route
+from .route import paper_route  # noqa: F401 - re-exported for the trainer
 
 __all__ = ["MINI", "ModelInfo", "backbone_config", "build", "describe", "paper_route"]
 
@@ -109,15 +109,3 @@ def describe(model: nn.Module, num_classes: int = None) -> ModelInfo:
     if hasattr(model, "layers"):  # DiM
         return ModelInfo("dim", model.patch_size, len(model.layers), model.num_classes, False)
     raise ValueError(f"{type(model).__name__}: not a DiT, U-ViT or DiM backbone")
-
-
-def paper_route(depth: int, ratio: float = 0.5) -> Route:
-    """TREAD's rule: start at block 2, end at block depth-4; short chains keep >= 2 blocks
-    routed and >= 2 blocks after the route where they can ("very short routes hurt").
-
-    Example:
-        >>> paper_route(12), paper_route(8), paper_route(6)
-        (Route(start=2, end=8, ratio=0.5), Route(start=2, end=4, ratio=0.5), Route(start=2, end=3, ratio=0.5))
-    """
-    start = min(2, max(depth - 2, 0))
-    return Route(start, max(start, depth - 4, min(start + 1, depth - 3)), ratio)

@@ -73,30 +73,36 @@ def _token_index(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ids.view(shape).expand(ids.shape[0], ids.shape[1], *like.shape[2:])
 
 
-def gather_tokens(x: torch.Tensor, ids):
-    """`x[b, ids[b]]` along dim 1; a broadcast `(1, N, ...)` tensor is gathered per sample."""
+def gather_tokens(x: torch.Tensor, ids, shared: bool = False):
+    """`x[b, ids[b]]` along dim 1; a broadcast `(1, N, ...)` tensor is gathered per sample, or,
+    with `shared` (one index set for the batch), stays `(1, n_kept, ...)` and broadcasts as before."""
     if ids is None:
         return x
+    if shared and x.shape[0] == 1:
+        ids = ids[:1]
     if x.shape[0] != ids.shape[0]:
         x = x.expand(ids.shape[0], *x.shape[1:])
     return x.gather(1, _token_index(ids, x))
 
 
-def gather_table(table: torch.Tensor, ids, stream, dim: int):
+def gather_table(table: torch.Tensor, ids, stream, dim: int, shared: bool = False):
     """Rows of a per-token table for the kept tokens, along `dim` (0: unbatched, 1: `(1, S, ...)`).
 
-    The table's LAST N rows belong to the routed stream (N = `stream.shape[1]`, read at run time,
-    or an int); rows before them (e.g. text) are all kept. Along dim 0 the table has no batch
-    dim, so the route must use one index set for the whole batch (`ids[0]` is used).
+    The table's last rows line up with the stream's last tokens (N = `stream.shape[1]`, read at
+    run time, or an int). A table with more than N rows has extra rows in front (e.g. text), all
+    kept; one with fewer has no rows for the first tokens, which must be protected prefix tokens
+    (e.g. timm's EVA applies rotary embeddings to the patch tokens only). Along dim 0 the table
+    has no batch dim, so the route must use one index set for the whole batch (`ids[0]` is used).
     """
     if ids is None:
         return table
     n = stream if isinstance(stream, int) else stream.shape[1]
     off = table.shape[dim] - n
+    head, ids = max(off, 0), ids[:, max(-off, 0):] + off  # (kept prefix ids are 0..protect-1)
     if dim == 0:
-        return table.index_select(0, torch.cat([torch.arange(off, device=ids.device), ids[0] + off]))
-    head = torch.arange(off, device=ids.device).expand(ids.shape[0], off)
-    return gather_tokens(table, torch.cat([head, ids + off], dim=1))
+        return table.index_select(0, torch.cat([torch.arange(head, device=ids.device), ids[0]]))
+    lead = torch.arange(head, device=ids.device).expand(ids.shape[0], head)
+    return gather_tokens(table, torch.cat([lead, ids], dim=1), shared)
 
 
 def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:

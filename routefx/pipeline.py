@@ -95,7 +95,7 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
             chain = find_chain(cap.gm, leaves, explicit)
         resolved = resolve_routes(routes, len(chain))
         with _stage("streams"):
-            streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode)
+            streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode, shared_indices)
         with _stage("insert_routes"):
             plans = insert_routes(cap.gm, chain, streams, resolved, control, shared_indices)
             if fp32_after_route:

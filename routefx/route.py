@@ -5,7 +5,7 @@ import numbers
 
 from .errors import INSPECT_HINT, RouteError
 
-__all__ = ["Route", "as_routes", "resolve_routes"]
+__all__ = ["Route", "as_routes", "resolve_routes", "paper_route"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +90,15 @@ def resolve_routes(routes, num_blocks: int) -> list:
                              f"both). Routes run one after another: make each start after the previous "
                              f"ends, e.g. ({a.start}, {a.end}, {a.ratio}) and ({a.end + 1}, {max(b.end, a.end + 1)}, {b.ratio}).")
     return resolved
+
+
+def paper_route(depth: int, ratio: float = 0.5) -> Route:
+    """TREAD's rule: start at block 2, end at block depth-4; short chains keep >= 2 blocks
+    routed and >= 2 blocks after the route where they can ("very short routes hurt").
+
+    Example:
+        >>> paper_route(12), paper_route(8), paper_route(6)
+        (Route(start=2, end=8, ratio=0.5), Route(start=2, end=4, ratio=0.5), Route(start=2, end=3, ratio=0.5))
+    """
+    start = min(2, max(depth - 2, 0))
+    return Route(start, max(start, depth - 4, min(start + 1, depth - 3)), ratio)

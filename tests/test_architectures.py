@@ -875,3 +875,70 @@ def test_rotary_table_text_rows_first_is_gathered_at_image_offset():
         if i == route[1]:
             img = scatter(saved, ids, img)
     assert_close(out, model.out(img))
+
+
+# ---------------------------------------------------------------- i. rotary table over the patch tokens only
+
+class PatchRopeBlock(nn.Module):
+    """timm EVA style: a cls token in front, rotary embeddings applied to the patch tokens only."""
+
+    def __init__(self, d=D, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, rope):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q = torch.cat([q[:, :, :1], apply_rope(q[:, :, 1:], rope)], dim=2)
+        k = torch.cat([k[:, :, :1], apply_rope(k[:, :, 1:], rope)], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
+        return x + self.proj(o)
+
+
+class PatchRope(nn.Module):
+    def __init__(self, depth=4, batched_table=False):
+        super().__init__()
+        self.patch = nn.Conv2d(C_IN, D, P, P)
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.blocks = nn.ModuleList([PatchRopeBlock() for _ in range(depth)])
+        self.out = nn.Linear(D, P * P * C_IN)
+        ang = torch.arange(N_IMG, dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, D // 4)[None]
+        table = torch.cat([ang, ang], dim=-1)  # (N_IMG, head_dim): no row for the cls token
+        self.register_buffer("rope", table[None] if batched_table else table)
+
+    def forward(self, x):
+        h = patchify_embed(self.patch, x)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1)
+        for blk in self.blocks:
+            h = blk(h, self.rope)
+        return self.out(h[:, 1:])
+
+
+@pytest.mark.parametrize("batched_table", [False, True], ids=["unbatched", "leading-1"])
+def test_rotary_table_without_prefix_rows_is_gathered_per_patch_token(batched_table):
+    torch.manual_seed(0)
+    model = PatchRope(batched_table=batched_table)
+    x = torch.randn(3, C_IN, SIDE, SIDE)
+    route = (1, 2, 0.5)
+    routed = routefx.apply(model, [route], shared_indices=True)
+    torch.manual_seed(0)
+    out = routed(x)
+    (info,) = routed.routing
+    assert info.protect == 1 and info.num_tokens == N_IMG + 1
+    torch.manual_seed(0)
+    ids = kept_ids(1, N_IMG, 0.5, protect=1).expand(3, -1)  # one draw shared by the batch
+    assert torch.equal(info.ids, ids)
+    rows = ids[0, 1:] - 1  # table rows of the kept patch tokens (the cls token has none)
+    sub = model.rope[:, rows] if batched_table else model.rope[rows]
+    h = torch.cat([model.cls.expand(3, -1, -1), patchify_embed(model.patch, x)], dim=1)
+    for i, blk in enumerate(model.blocks):
+        if i == route[0]:
+            saved, h = h, gather(h, ids)
+        h = blk(h, sub if route[0] <= i <= route[1] else model.rope)
+        if i == route[1]:
+            h = scatter(saved, ids, h)
+    assert_close(out, model.out(h[:, 1:]))
+    routed.eval()
+    assert torch.equal(routed(x), model(x))

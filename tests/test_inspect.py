@@ -95,7 +95,7 @@ def test_cli_on_user_file_with_default_route(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["tokens"] == {"num_tokens": 17, "prefix": 1, "batch": 2, "stream": rep["tokens"]["stream"]}
-    assert rep["routes"][0]["route"] == [2, 2, 0.5]  # paper rule on 6 blocks: start 2, end B-4
+    assert rep["routes"][0]["route"] == [2, 3, 0.5]  # routefx.route.paper_route on 6 blocks (>= 2 routed)
     assert (tmp_path / "g.dot").read_text().startswith("digraph")
 
 
