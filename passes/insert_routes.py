@@ -184,6 +184,11 @@ def _origin(u, gathered, region, memo):
         idx = u.args[1]
         if len(ins) == len(outs) and idx in outs:
             res = _origin(ins[outs.index(idx)], gathered, region, memo)
+        elif len(outs) > 1 and len(ins) < len(outs):
+            raise RouteError(f"{_where(src)} returns {len(outs)} token tensors from {len(ins)} token "
+                             f"input(s), so element {idx} has no value at the route start for the "
+                             f"bypassed tokens to keep (e.g. mamba-ssm's Block called with residual=None "
+                             f"in the first layer). Start the route one block later. {INSPECT_HINT}")
         else:
             res = _unique_origin(src, ins, gathered, region, memo, block_first=len(outs) == 1)
     else:
