@@ -15,7 +15,7 @@ Every option of `python -m routefx.train` is accepted and applies to both arms (
 routed arm's; default TREAD's rule).
 
 Example:
-    python -m routefx.compare                                 # default DiT-mini, 24 min per arm
+    python -m routefx.compare                                 # default DiT-mini, 20 min per arm
     python -m routefx.compare --minutes 2 --data digits --name smoke --out /tmp/cmp
     python -m routefx.compare --device cuda --backbone DiT-S/2 --batch 256 --routes 2,8,0.5 --minutes 20
 """
@@ -60,14 +60,18 @@ class Arm:
         self.rng = torch.get_rng_state()
 
 
-def _score(arm: Arm, labels, noise, reference, opts) -> dict:
-    t = arm.trainer
-    guidance = Guidance(cfg=opts.cfg, null_class=t.info.null_class)
-    imgs = sample(t.ema.model, t.objective, labels.to(t.device), t.shape, steps=opts.sample_steps,
-                  sampler=opts.sampler, guidance=guidance, noise=noise.to(t.device)).cpu()
-    return {"minutes": arm.clock / 60, "step": t.step,
-            "label_agreement": evaluate.label_agreement(imgs, labels),
-            "frechet": evaluate.frechet_distance(imgs, reference)}, imgs
+def _score(arm: Arm, labels, noise, reference, args, cfgs) -> tuple:
+    """Scores of the arm's EMA model at each guidance scale; the first scale's are the headline."""
+    t, res, imgs = arm.trainer, {"minutes": arm.clock / 60, "step": arm.trainer.step, "cfg": {}}, None
+    for cfg in cfgs:
+        guidance = Guidance(cfg=cfg, null_class=t.info.null_class)
+        x = sample(t.ema.model, t.objective, labels.to(t.device), t.shape, steps=args.sample_steps,
+                   sampler=args.sampler, guidance=guidance, noise=noise.to(t.device)).cpu()
+        res["cfg"][str(cfg)] = {"label_agreement": evaluate.label_agreement(x, labels),
+                                "frechet": evaluate.frechet_distance(x, reference)}
+        imgs = x if imgs is None else imgs
+    res.update(res["cfg"][str(cfgs[0])])
+    return res, imgs
 
 
 def reach_time(evals: list, target: float):
@@ -99,7 +103,8 @@ def run_arms(arms: list, minutes: float, every: float, slice_s: float, score, lo
                     marks[arm.name] += every * 60
                 e = arm.evals[-1]
                 log(f"[routefx.compare] {arm.name:6s} {e['minutes']:6.2f} min  step {e['step']:6d}  "
-                    f"label agreement {e['label_agreement']:.3f}  Frechet {e['frechet']:.2f}")
+                    + "  ".join(f"cfg {c}: label agreement {v['label_agreement']:.3f} Frechet {v['frechet']:.2f}"
+                                for c, v in e.get("cfg", {"-": e}).items()))
         rnd += 1
 
 
@@ -107,10 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m routefx.compare", add_help=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("-h", "--help", action="store_true")
-    p.add_argument("--minutes", type=float, default=24.0, help="training clock per arm")
-    p.add_argument("--eval-every", type=float, default=3.0, help="minutes of an arm's clock between scores")
+    p.add_argument("--minutes", type=float, default=20.0, help="training clock per arm")
+    p.add_argument("--eval-every", type=float, default=4.0, help="minutes of an arm's clock between scores")
     p.add_argument("--eval-samples", type=int, default=500, help="samples per score (split over classes)")
     p.add_argument("--slice", type=float, default=10.0, help="seconds an arm trains before the other one")
+    p.add_argument("--score-cfg", type=float, nargs="+", default=[1.0, 2.0],
+                   help="guidance scales to score at; the FIRST gives the headline Frechet distance")
     p.add_argument("--name", default=None, help="report name (default <backbone>-<data>-compare)")
     p.add_argument("--out", default=os.path.join("docs", "results"), help="folder of the report")
     return p
@@ -134,7 +141,7 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def _plot(arms, path: str, title: str) -> None:
+def _plot(arms, path: str, title: str, opts_cfg: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,8 +149,11 @@ def _plot(arms, path: str, title: str) -> None:
     for arm in arms:
         m = [e["minutes"] for e in arm.evals]
         axes[0].plot(m, [e["frechet"] for e in arm.evals], "o-", label=arm.name)
-        axes[1].plot(m, [e["label_agreement"] for e in arm.evals], "o-", label=arm.name)
+        for cfg in (arm.evals[0]["cfg"] if arm.evals else {}):
+            axes[1].plot(m, [e["cfg"][cfg]["label_agreement"] for e in arm.evals], "o-",
+                         label=f"{arm.name}, cfg {cfg}")
     axes[0].set_ylabel("classifier Frechet distance (lower is better)")
+    axes[0].set_title(f"cfg {opts_cfg}", fontsize=9)
     axes[0].set_yscale("log")
     axes[1].set_ylabel("label agreement")
     for ax in axes:
@@ -177,7 +187,8 @@ def _report(arms, opts, args, machine: str, wall_min: float, partial: bool) -> s
              f"* Budget: {opts.minutes:g} minutes of training clock per arm, arms interleaved in "
              f"{opts.slice:g}-second slices in one process ({wall_min:.1f} minutes wall in all, scoring included).",
              f"* Scores every {opts.eval_every:g} clock minutes on {opts.eval_samples} EMA samples "
-             f"({args.sampler}, {args.sample_steps} steps, cfg {args.cfg}, the same noise for both arms): "
+             f"({args.sampler}, {args.sample_steps} steps, at guidance scales {', '.join(map(str, opts.score_cfg))}, "
+             f"the same noise for both arms; the headline numbers use cfg {opts.score_cfg[0]}): "
              f"label agreement of routefx's MNIST classifier, and the Frechet distance of its 128-d "
              f"features to {opts.eval_samples} held-out test images (not "
              f"Inception FID; {opts.eval_samples} other real test images score "
@@ -188,19 +199,27 @@ def _report(arms, opts, args, machine: str, wall_min: float, partial: bool) -> s
              f"routed {routed.trainer.step}.",
              ""]
     if target is not None:
+        g = opts.score_cfg[0]
         if reach is None:
-            lines.append(f"**The routed arm did not reach the dense arm's final Frechet distance "
+            lines.append(f"**The routed arm did not reach the dense arm's final Frechet distance at cfg {g} "
                          f"({target:.2f}) within the budget.**")
         else:
-            lines.append(f"**Clock to reach the dense arm's final Frechet distance ({target:.2f}): dense "
-                         f"{dense.evals[-1]['minutes']:.1f} min, routed {reach:.1f} min: speedup "
-                         f"{dense.evals[-1]['minutes'] / reach:.2f}x.** (Linear interpolation between "
-                         f"scores; the resolution is one scoring interval.)")
-    lines += ["", "| clock min | dense step | dense label agr. | dense Frechet | routed step | "
-              "routed label agr. | routed Frechet |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            first = reach_time(dense.evals, target)  # the same rule for both arms (curves need not fall)
+            lines.append(f"**Clock to first reach the dense arm's final Frechet distance at cfg {g} "
+                         f"({target:.2f}): dense {first:.1f} min, routed {reach:.1f} min: speedup "
+                         f"{first / reach:.2f}x.** (Linear interpolation between scores; the resolution "
+                         f"is one scoring interval.)")
+    cfgs = list(dense.evals[0]["cfg"]) if dense.evals else []
+    head = ["clock min"] + [f"{a} {c}" for a in ("dense", "routed") for c in
+                            ["step"] + [f"{m} cfg {g}" for g in cfgs for m in ("label agr.", "Frechet")]]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for d, r in zip(dense.evals, routed.evals):
-        lines.append(f"| {d['minutes']:.1f} | {d['step']} | {d['label_agreement']:.3f} | {d['frechet']:.2f} | "
-                     f"{r['step']} | {r['label_agreement']:.3f} | {r['frechet']:.2f} |")
+        cells = [f"{d['minutes']:.1f}"]
+        for e in (d, r):
+            cells.append(str(e["step"]))
+            for g in cfgs:
+                cells += [f"{e['cfg'][g]['label_agreement']:.3f}", f"{e['cfg'][g]['frechet']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![quality vs clock]({opts.name}.png)", "",
               f"Final EMA samples (rows are classes): dense `{opts.name}-dense.png`, routed "
               f"`{opts.name}-routed.png`.", "",
@@ -244,7 +263,7 @@ def main(argv=None) -> int:
     finals = {}
 
     def score(arm):
-        result, imgs = _score(arm, labels, noise, reference, routed_args)
+        result, imgs = _score(arm, labels, noise, reference, routed_args, opts.score_cfg)
         finals[arm.name] = imgs
         _dump(arms, opts, base)
         return result
@@ -260,7 +279,7 @@ def main(argv=None) -> int:
     for name, imgs in finals.items():
         keep = imgs.view(classes, per, *imgs.shape[1:])[:, :8].flatten(0, 1)  # <= 8 per class
         save_grid(keep, f"{base}-{name}.png", rows=classes)
-    _plot(arms, base + ".png", f"{opts.name}: dense vs routed {t.routes}")
+    _plot(arms, base + ".png", f"{opts.name}: dense vs routed {t.routes}", opts.score_cfg[0])
     with open(base + ".md", "w") as f:
         f.write(_report(arms, opts, routed_args, machine, (time.time() - t_start) / 60, partial))
     print(f"[routefx.compare] report {base}.md", flush=True)
