@@ -235,14 +235,15 @@ def _scatter_leaving(graph, region, order, gathered, sel, plan):
 
 
 class Float32Block(nn.Module):
-    """Runs a block with autocast off and float inputs in float32 (after a route's end)."""
+    """Runs a block with autocast off and half-precision float inputs in float32 (after a route's
+    end); float32 and float64 inputs are left as they are."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
     def forward(self, *args, **kwargs):
-        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
+        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.element_size() < 4 else a  # noqa: E731
         args, kwargs = fx.node.map_aggregate((args, kwargs), up)
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type=device, enabled=False):
