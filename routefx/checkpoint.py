@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "FORMAT", "save_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state", "load_weights"]
+           "set_rng_state", "load_weights", "stale_temp_files", "remove_stale_temps"]
 
 FORMAT = "routefx-train/1"
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pt"  # save_checkpoint's temp files: `.tmp-<random>.pt`
 
 
 class CheckpointError(RuntimeError):
@@ -29,13 +30,16 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, then `os.replace`.
+    """Write `state` to `path` atomically: a temp file in the same folder, fsync, `os.replace`,
+    fsync of the folder.
 
-    A crash or error while writing leaves any previous file at `path` intact.
+    An error while writing leaves any previous file at `path` intact and removes the temp file;
+    a process killed while writing (SIGKILL) leaves `path` intact and a `.tmp-*.pt` file, which
+    `remove_stale_temps` deletes (the trainer calls it on `--resume`).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
@@ -46,6 +50,48 @@ def save_checkpoint(path: str, state: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Flush the folder entry, so the rename itself survives a power cut (POSIX; a no-op where a
+    folder cannot be opened, e.g. Windows). A SIGKILL does not need it: the kernel has the rename."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(folder: str) -> list:
+    """The `save_checkpoint` temp files in `folder` (sorted paths): left by a write that never
+    finished (SIGKILL, OOM kill, power loss), or being written right now by a live process."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.startswith(TEMP_PREFIX) and n.endswith(TEMP_SUFFIX)
+                  and os.path.isfile(os.path.join(folder, n)))
+
+
+def remove_stale_temps(folder: str) -> list:
+    """Delete the temp files of interrupted `save_checkpoint` calls in `folder`; returns their paths.
+
+    Only the process that owns `folder` may call this, before it writes there (the trainer does it
+    on `--resume`): a temp file of a save in progress in another process would be deleted too.
+    """
+    removed = []
+    for path in stale_temp_files(folder):
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:  # gone meanwhile
+            pass
+    return removed
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from . import apply as route_apply
-from .checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, load_checkpoint, load_weights, remove_stale_temps, rng_state,
+                         save_checkpoint, set_rng_state)
 from .data import Batches, load_images
 from .diffusion import Guidance, make_objective, sample
 from .losses import masked_route_loss, plain_loss, standardize_patches
@@ -104,6 +104,7 @@ class Trainer:
         self.objective = make_objective(args.objective)
         self.batches = Batches(self.data, args.batch, seed=args.seed, rank=rank, world=world)
         self.step = 0
+        self._temps_checked = False  # stale `.tmp-*.pt` of killed saves: removed once per run
         torch.manual_seed(args.seed + rank + NOISE_SEED_OFFSET)
         self.autocast = self._autocast()
 
@@ -190,12 +191,19 @@ class Trainer:
         """Every rank calls this (RNG states are gathered); rank 0 writes the file atomically."""
         state = self.state()
         if self.main:
+            if not self._temps_checked:
+                self._remove_stale_temps(os.path.dirname(os.path.abspath(path)), "")
             save_checkpoint(path, state)
         if self.world > 1:
             dist.barrier()
 
     def load(self, path: str):
-        """Restore a checkpoint written by `save`; the file is never modified."""
+        """Restore a checkpoint written by `save`; the file is never modified.
+
+        Once it is restored, rank 0 deletes the temp files that interrupted saves (kill -9 in the
+        middle of `save_checkpoint`) left in `--out`: this run owns that folder from now on. A run
+        that does not resume does the same before its first save.
+        """
         ck = load_checkpoint(path)
         if ck.get("config") != self.config:
             raise CheckpointError(f"checkpoint {path} was made for another model or data:\n  "
@@ -225,7 +233,17 @@ class Trainer:
                       f"this run has {self.world}: random streams are re-seeded.", flush=True)
             torch.manual_seed(self.args.seed + self.rank + NOISE_SEED_OFFSET + self.step)
             self.gen.manual_seed(self.args.seed + self.rank + self.step)
+        if self.main:
+            self._remove_stale_temps(self.args.out, f"; resuming from {path}")
         return ck
+
+    def _remove_stale_temps(self, folder: str, note: str):
+        """Delete the temp files that saves killed mid-write left in `folder` (rank 0, which owns
+        it, before its first write there)."""
+        self._temps_checked = True
+        for tmp in remove_stale_temps(folder):
+            print(f"[routefx.train] removed {tmp}: the temp file of a checkpoint write that never "
+                  f"finished (the process was killed){note}.", flush=True)
 
     # -- pictures ------------------------------------------------------------------------
     def sample_grid(self, path: str, cols: int = None) -> torch.Tensor:

@@ -92,6 +92,74 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
 
 
+def _wrap_blocks_in_checkpointing(module):
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from routefx.backbones.dit import DiTBlock
+    apply_activation_checkpointing(module, check_fn=lambda m: isinstance(m, DiTBlock),
+                                   checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                 checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+
+
+def _step_counting_recomputes(routed, model):
+    """One training step; returns (loss, grads, number of block forwards run during backward)."""
+    from routefx.backbones.dit import DiTBlock
+    calls = [0]
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in model.modules() if isinstance(m, DiTBlock)]
+    torch.manual_seed(0)
+    loss = routed(*dit_inputs(3)).square().mean()
+    before = calls[0]
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, calls[0] - before
+
+
+def test_activation_checkpointing_applied_after_apply():
+    """torch's apply_activation_checkpointing on the ROUTED module, before its first call: the
+    blocks are recomputed in backward, numbers and state_dict keys unchanged."""
+    ref_model = tiny_dit()
+    loss0, grads0, recomputed0 = _step_counting_recomputes(routefx.apply(ref_model, [(1, 4, 0.5)]), ref_model)
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    _wrap_blocks_in_checkpointing(routed)
+    loss1, grads1, recomputed1 = _step_counting_recomputes(routed, model)
+    assert (recomputed0, recomputed1) == (0, len(model.blocks)), "every block recomputed in backward"
+    assert torch.allclose(loss0, loss1, atol=1e-7) and grads0.keys() == grads1.keys()
+    assert all(torch.allclose(grads0[k], grads1[k], atol=1e-6) for k in grads0)
+    assert list(routed.state_dict()) == list(ref_model.state_dict()), "checkpoint keys unchanged"
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="a graph captured before the blocks were wrapped keeps calling the "
+                          "unwrapped blocks: no recomputation (docs/reliability.md, 'Known bugs')")
+def test_activation_checkpointing_applied_after_the_first_step_takes_effect():
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    _step_counting_recomputes(routed, model)  # captures the graph
+    _wrap_blocks_in_checkpointing(routed)
+    assert _step_counting_recomputes(routed, model)[2] == len(model.blocks)
+
+
+def test_activation_checkpointing_after_the_first_step_workaround_reapply():
+    """Until the bug above is fixed: re-apply after wrapping (a fresh capture sees the wrappers)."""
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    loss0, grads0, _ = _step_counting_recomputes(routed, model)
+    _wrap_blocks_in_checkpointing(routed)
+    routed = routefx.apply(routefx.remove(routed), [(1, 4, 0.5)])
+    loss1, grads1, recomputed = _step_counting_recomputes(routed, model)
+    assert recomputed == len(model.blocks)
+    assert torch.allclose(loss0, loss1, atol=1e-7)
+    assert all(torch.allclose(grads0[k], grads1[k], atol=1e-6) for k in grads0)
+
+
 def test_frozen_blocks_and_no_grad_training_forward():
     model = tiny_dit()
     for p in model.blocks[:3].parameters():
