@@ -65,6 +65,7 @@ class RoutedModule(nn.Module):
                             shared_indices=shared_indices)
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._graphs = []
+        self._fast = None  # (fast key, graph) of the last eager call, see `_lookup`
         self._last = None
         self._register_state_dict_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
@@ -80,15 +81,25 @@ class RoutedModule(nn.Module):
     # -- running -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if not (self.training or self.control.forced):
-            return self.module(*args, **kwargs)
-        rg = self.graph_for(args, kwargs)
-        tensors = flatten((args, kwargs), is_leaf=_is_tensor)[0]
+            return self._modules["module"](*args, **kwargs)
+        rg, tensors = self._lookup(args, kwargs)
         if rg.compiled is not None:
             _mark_batch_dynamic(tensors)
         out = (rg.gm if rg.compiled is None else rg.compiled)(*tensors)
         k = len(rg.plans)
-        self._last = (rg, out[len(out) - k:])
+        self.__dict__["_last"] = (rg, out[len(out) - k:])  # skips nn.Module.__setattr__ (~2 us)
         return rg.rebuild_output(list(out[: len(out) - k]))
+
+    def _lookup(self, args, kwargs):
+        """(graph, tensor inputs); an eager call keyed like the last one skips `graph_for`'s full key."""
+        key = None
+        if not torch.compiler.is_compiling():  # dynamo must not store traced shapes in `_fast`
+            key, tensors = _fast_key(self._modules["module"].training, args, kwargs, self.options["keep_batch"])
+        if key is None:
+            return self.graph_for(args, kwargs), flatten((args, kwargs), is_leaf=_is_tensor)[0]
+        if self._fast is None or self._fast[0] != key:
+            self._fast = (key, self.graph_for(args, kwargs))
+        return self._fast[1], tensors
 
     def graph_for(self, args, kwargs):
         """The routed graph for this call's signature and mode, captured on first use."""
@@ -115,6 +126,14 @@ class RoutedModule(nn.Module):
         rg, ids = self._last
         return [RouteInfo(r, i, p.num_tokens, p.protect) for r, i, p in zip(rg.routes, ids, rg.plans)]
 
+    @property
+    def plans(self) -> list:
+        """The crossing report of each route (`RoutePlan`: blocks, tensors gathered / scattered /
+        passed untouched, token counts) for the graph of the last routed forward."""
+        if self._last is None:
+            raise RouteError("No routed forward has run yet: call the model in training mode first.")
+        return list(self._last[0].plans)
+
     def set_ratio(self, ratio):
         """Override every route's ratio (a float, or a list per route); None restores the routes'."""
         for r in ratio if isinstance(ratio, (list, tuple)) else [ratio]:
@@ -130,12 +149,12 @@ class RoutedModule(nn.Module):
             return getattr(self._modules["module"], name)
 
     def _apply(self, fn, *args, **kwargs):
-        self._graphs = []  # graphs hold references to buffers that .to() replaces
+        self._graphs, self._fast = [], None  # graphs hold references to buffers that .to() replaces
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_graphs"], state["_last"] = [], None
+        state["_graphs"], state["_fast"], state["_last"] = [], None, None
         return state
 
     def extra_repr(self) -> str:
@@ -151,6 +170,23 @@ def _check_names(model, routes, blocks, leaf_modules):
         if name not in names:
             raise RouteError(f"leaf_modules: no module named '{name}' in {type(model).__name__}. "
                              f"{INSPECT_HINT}")
+
+
+def _fast_key(training, args, kwargs, keep_batch):
+    """(key, tensors) of a call made of tensors and plain constants only; (None, None) otherwise.
+
+    Stricter than `input_skeleton` (it adds devices), so equal keys always mean the same graph.
+    """
+    key, tensors = [training, tuple(kwargs)], []
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            key.append((v.dim(), v.shape if keep_batch else v.shape[1:], v.dtype, v.device))
+            tensors.append(v)
+        elif v is None or type(v) in (bool, int, float, str):
+            key.append((type(v), v))
+        else:
+            return None, None
+    return key, tensors
 
 
 def _mark_batch_dynamic(tensors):

@@ -13,6 +13,11 @@ times, routed/dense and routefx/hand ratios, the FLOP ratio counted by
 speedup), peak memory per arm, the time of ``routefx.apply`` and the eval-mode forward ratio.
 
     python -m routefx.bench --backbone DiT-B/2 --input-size 32 --routes 2,8,0.5 --batch 16
+
+Several runs share one process (imports, CUDA set-up and inductor's compile workers paid once):
+
+    python -m routefx.bench --run DiT-B/2:2,8,0.5 --run DiT-XL/2:2,20,0.5 --modes eager compiled \
+        --input-size 32 --json-dir results
 """
 import argparse
 import contextlib
@@ -53,6 +58,12 @@ def _route(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"a route is START,END,RATIO (e.g. 2,8,0.5), got {text!r}")
 
 
+def _run_spec(text: str) -> tuple:
+    """`BACKBONE[:S,E,R[:S,E,R...]]` -> (backbone, routes or None)."""
+    backbone, *routes = text.split(":")
+    return backbone, [_route(r) for r in routes] or None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options; see `python -m routefx.bench --help`."""
     p = argparse.ArgumentParser(prog="python -m routefx.bench", description=__doc__.split("\n")[0])
@@ -64,12 +75,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=7, help="timed rounds, median over them (use >= 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compile happens here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile each arm")
+    p.add_argument("--compile", action="store_true", help="torch.compile each arm (same as --modes compiled)")
+    p.add_argument("--run", type=_run_spec, action="append", default=None, metavar="BACKBONE[:S,E,R...]",
+                   help="a backbone and its routes (default: the paper rule); repeatable, every run in "
+                        "this one process; replaces --backbone/--routes")
+    p.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=None,
+                   help="run every backbone in each mode, mode after mode (default: eager, or compiled "
+                        "with --compile)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs forward and loss under autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the result as JSON ('-': stdout); a list of results for several runs")
+    p.add_argument("--json-dir", default=None, metavar="DIR",
+                   help="also write each run's JSON to DIR/<backbone>_<routes>_<mode>.json as it ends")
     return p.parse_args(argv)
 
 
@@ -89,13 +109,16 @@ def default_routes(num_blocks: int) -> list:
 #################################################################################
 
 def _create(name: str, input_size, device) -> nn.Module:
-    if input_size is None:
-        return create(name).to(device)
+    """The backbone, built and initialised on `device` (DiT-XL/2's init takes seconds on a CPU)."""
     key = "img_size" if name.startswith("U-ViT") else "input_size"
-    try:
-        return create(name, **{key: input_size}).to(device)
-    except TypeError as e:
-        raise SystemExit(f"{name} does not take an input size ({e}); leave --input-size out.") from e
+    kwargs = {} if input_size is None else {key: input_size}
+    with torch.device(device):
+        try:
+            return create(name, **kwargs).to(device)
+        except TypeError as e:
+            if input_size is None:
+                raise
+            raise SystemExit(f"{name} does not take an input size ({e}); leave --input-size out.") from e
 
 
 def _chain(model, inputs) -> tuple:
@@ -370,15 +393,36 @@ def run(args: argparse.Namespace) -> dict:
             "memory_method": method}
 
 
-def main(argv=None) -> dict:
+def _runs(args) -> list:
+    """One Namespace per run: every `--run` (else `--backbone`/`--routes`) in every mode, mode after mode."""
+    specs = args.run or [(args.backbone, args.routes)]
+    modes = args.modes or (["compiled"] if args.compile else ["eager"])
+    return [argparse.Namespace(**{**vars(args), "backbone": b, "routes": r, "compile": m == "compiled"})
+            for m in modes for b, r in specs]
+
+
+def _json_name(res: dict) -> str:
+    c = res["config"]
+    routes = "+".join("-".join(f"{v:g}" for v in r) for r in c["routes"])
+    name = c["backbone"].replace("/", "").lower()
+    return f"{name}_{routes}_{'compiled' if c['compile'] else 'eager'}.json"
+
+
+def _write_json(obj, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def main(argv=None):
     """Benchmark dense vs routefx vs hand-written TREAD training steps and print a report.
 
     Args:
         argv: command-line arguments (default: `sys.argv[1:]`); see `--help`.
     Returns:
-        The result dict: `config`, `env`, `blocks`, `tokens`, `arms` (per arm: `median_ms`, `min_ms`,
-        `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`; `hand` is None off the DiT family),
-        `ratios`, `flop_ratio_estimate`, `apply_s`, `eval`, `memory_method`.
+        The result dict (a list of them for several runs): `config`, `env`, `blocks`, `tokens`, `arms`
+        (per arm: `median_ms`, `min_ms`, `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`; `hand` is
+        None off the DiT family), `ratios`, `flop_ratio_estimate`, `apply_s`, `eval`, `memory_method`.
 
     Example:
         >>> res = main(["--backbone", "DiT-T/2", "--input-size", "8", "--batch", "2",
@@ -387,20 +431,26 @@ def main(argv=None) -> dict:
         True
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
+    threads, results = torch.get_num_threads(), []
     try:
         torch.set_num_threads(args.threads or threads)
-        res = run(args)
+        for one in _runs(args):
+            res = run(one)
+            results.append(res)
+            print(format_table(res), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+            if args.json_dir:
+                _write_json(res, os.path.join(args.json_dir, _json_name(res)))
+            if one.compile:
+                torch._dynamo.reset()  # frees this run's compiled arms (and the memory they hold)
+            gc.collect()  # so that the next run's peak memory starts from zero
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
-    print(format_table(res), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    out = results[0] if len(results) == 1 else results
     if args.json == "-":
-        print(json.dumps(res, indent=2))
+        print(json.dumps(out, indent=2))
     elif args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    return res
+        _write_json(out, args.json)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The speed benchmark runs end to end on a tiny DiT and reports every field (no timed checks)."""
+import functools
 import json
 import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from routefx import bench
 
@@ -56,6 +58,34 @@ def test_no_hand_arm_off_the_dit_family(tmp_path):
                       "--warmup", "0", "--threads", "1", "--routes", "1,3,0.5"])
     assert res["arms"]["hand"] is None and res["ratios"]["routefx_over_hand"] is None
     assert _positive(res["ratios"]["routefx_over_dense"])
+
+
+def test_run_specs_and_modes():
+    runs = bench._runs(bench.parse_args(["--run", "DiT-B/2:2,8,0.5:9,10,0.25", "--run", "DiT-XL/2",
+                                         "--modes", "eager", "compiled"]))
+    assert [(r.backbone, r.routes, r.compile) for r in runs] == [
+        ("DiT-B/2", [(2, 8, 0.5), (9, 10, 0.25)], False), ("DiT-XL/2", None, False),
+        ("DiT-B/2", [(2, 8, 0.5), (9, 10, 0.25)], True), ("DiT-XL/2", None, True)]
+    (one,) = bench._runs(bench.parse_args(["--backbone", "DiT-S/2", "--routes", "1,3,0.5", "--compile"]))
+    assert (one.backbone, one.routes, one.compile) == ("DiT-S/2", [(1, 3, 0.5)], True)
+
+
+def test_several_runs_share_one_process(tmp_path, monkeypatch):
+    # dynamo without inductor: the compiled code path, without minutes of C++ compiling
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    res = bench.main(["--run", "DiT-T/2", "--run", "U-ViT-T/2:1,3,0.5", "--modes", "eager", "compiled",
+                      "--input-size", "8", "--batch", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
+                      "--json-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "all.json")])
+    assert [(r["config"]["backbone"], r["config"]["routes"], r["config"]["compile"]) for r in res] == [
+        ("DiT-T/2", [[2, 2, 0.5]], False), ("U-ViT-T/2", [[1, 3, 0.5]], False),
+        ("DiT-T/2", [[2, 2, 0.5]], True), ("U-ViT-T/2", [[1, 3, 0.5]], True)]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "dit-t2_2-2-0.5_compiled.json", "dit-t2_2-2-0.5_eager.json",
+        "u-vit-t2_1-3-0.5_compiled.json", "u-vit-t2_1-3-0.5_eager.json"]
+    assert json.loads((tmp_path / "runs" / "dit-t2_2-2-0.5_compiled.json").read_text())["ratios"] == res[2]["ratios"]
+    assert [r["config"] for r in json.loads((tmp_path / "all.json").read_text())] == [r["config"] for r in res]
+    for r in res:
+        assert _positive(r["ratios"]["routefx_over_dense"]) and _positive(r["eval"]["ratio"])
 
 
 def test_help_exits_zero():

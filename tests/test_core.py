@@ -148,6 +148,44 @@ def test_batch_size_stays_free_and_shape_retraces():
     assert routed.routing[0].num_tokens == 64
 
 
+def test_graph_cache_fast_path_never_serves_a_stale_graph():
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)], generator=torch.Generator())
+
+    def call(batch, ratio=0.5, t_dtype=torch.float32, y_as_kwarg=False):
+        """Routed vs a fresh apply at the same seeds; returns how many graphs `routed` holds."""
+        x, t, y = dit_inputs(batch)
+        args, kwargs = ((x, t.to(t_dtype)), {"y": y}) if y_as_kwarg else ((x, t.to(t_dtype), y), {})
+        fresh = routefx.apply(model, [(1, 4, ratio)], generator=torch.Generator())
+        fresh.train(routed.training)
+        fresh.control.forced = routed.control.forced
+        outs = []
+        for m in (routed, fresh):
+            m.control.generator.manual_seed(0)
+            torch.manual_seed(1)
+            outs.append(m(*args, **kwargs))
+        assert torch.equal(*outs)
+        assert routed._last[0] is routed.graph_for(args, kwargs), "the graph the full lookup picks"
+        return len(routed._graphs)
+
+    assert [call(2), call(3)] == [1, 1], "batch 3 reuses the batch-2 graph"
+    assert call(3, t_dtype=torch.float64) == 2
+    assert call(3, y_as_kwarg=True) == 3
+    assert [call(2), call(2)] == [3, 3], "back to the first graph"
+    routed.set_ratio(0.25)
+    assert call(2, ratio=0.25) == 3 and routed.routing[0].ids.shape == (2, 12)
+    routed.set_ratio(None)
+    routed.float()  # _apply drops every graph, the fast path's included
+    assert call(2) == 1
+    routed.eval()
+    with routefx.force_routing(routed):
+        assert call(2) == 2, "eval mode has its own graph"
+    static = routefx.apply(model, [(1, 4, 0.5)], static_batch=True)
+    static(*dit_inputs(2))
+    static(*dit_inputs(3))
+    assert len(static._graphs) == 2
+
+
 def test_state_dict_is_the_original_and_remove_restores():
     model = tiny_dit()
     before = copy.deepcopy(model.state_dict())
