@@ -9,7 +9,9 @@ holding the shape/dtype of every traced value.
 The tracer is a "shadow" tracer: beside every proxy it carries the concrete value computed on the
 example inputs. Python code that needs a concrete value (`int(x.shape[1] ** 0.5)`, `len`,
 `if`/`assert` on shapes) gets it, and a guard node is inserted that re-checks the value at run
-time. Data-dependent control flow (a Python branch on tensor values) is refused.
+time. Data-dependent control flow (a Python branch on tensor values) is refused in traced code;
+inside a leaf module it is fine (leaves just run), but fake tensors cannot run it, so a leaf that
+needs real values raises `_LeafNeedsRealValues` and the caller captures again with `fake=False`.
 """
 import contextlib
 import dataclasses
@@ -22,7 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           FakeTensorMode, UnsupportedOperatorException)
 from torch.fx.proxy import Attribute
 
 from routefx._tree import TensorSlot, flatten
@@ -34,6 +37,19 @@ __all__ = ["Captured", "capture", "TensorSpec", "user_frame"]
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)
 _INTERNAL = (_TORCH_DIR, os.path.dirname(contextlib.__file__))
+
+
+# what fake tensors raise for code that needs real values: a branch or `.item()` on data,
+# an output shape that depends on data, an op without a fake kernel
+_NEEDS_REAL = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
+
+
+class _LeafNeedsRealValues(Exception):
+    """A leaf module cannot run on fake tensors; capture again with `fake=False`.
+
+    Deliberately not a `RouteError`: `capture()` lets it through unwrapped so that
+    `pipeline.build()` retries with real values.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +175,19 @@ class ShadowTracer(fx.Tracer):
             if kind == "call_function":
                 return target(*cargs, **ckwargs)
             if kind == "call_method":
+                if target in ("item", "tolist") and self.mode is None and _reads_inputs(args[0]):
+                    # real values would turn this into a guard; refuse it as fake tensors do
+                    raise DataDependentOutputException(f"Tensor.{target}() of values computed from "
+                                                       f"the inputs")
                 return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
-            if kind == "call_module":
-                return self.root.get_submodule(target)(*cargs, **ckwargs)
+            if kind == "call_module":  # a leaf: opaque, its code may branch on data
+                try:
+                    return self.root.get_submodule(target)(*cargs, **ckwargs)
+                except _NEEDS_REAL as e:
+                    if self.mode is None:
+                        raise
+                    raise _LeafNeedsRealValues(f"leaf '{target}' needs real values: "
+                                               f"{type(e).__name__}: {e}") from e
             if kind == "get_attr":
                 return _fetch_attr(self.root, target)
         return None
@@ -198,6 +224,19 @@ def _not_tracing():
         yield
     finally:
         put(prev)
+
+
+def _reads_inputs(node) -> bool:
+    """Whether the value of `node` is computed from the graph's inputs (a placeholder)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and n not in seen:
+            if n.op == "placeholder":
+                return True
+            seen.add(n)
+            todo += n.all_input_nodes
+    return False
 
 
 def _fetch_attr(root, target: str):
@@ -293,7 +332,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
     try:
         with _wrap_module_functions(tracer, _einops_functions()), torch.enable_grad():
             graph = tracer.trace(model)
-    except CaptureError:
+    except (CaptureError, _LeafNeedsRealValues):
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure gets a located explanation
         where = user_frame(e.__traceback__)

@@ -66,14 +66,15 @@ def _tensors(args, kwargs):
 def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
     """Capture `model(*args, **kwargs)` and insert `routes`; see the module docstring.
 
-    The passes first run on fake tensors (shapes only: no FLOPs, no memory); a model whose ops
-    cannot run on fake tensors is captured again with real values.
+    The passes first run on fake tensors (shapes only: no FLOPs, no memory). A model whose leaf
+    modules cannot run on them (code that branches on data, an op without a fake-tensor kernel:
+    capture then raises an exception that is not a `RouteError`) is captured again with real values.
     """
     try:
         return _build(model, args, kwargs, routes, control, fake=True, **options)
     except RouteError:
         raise
-    except Exception as e:  # noqa: BLE001 - some op without a fake-tensor kernel: use real values
+    except Exception as e:  # noqa: BLE001 - needs real values (see the docstring)
         log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
                  type(e).__name__, e)
         return _build(model, args, kwargs, routes, control, fake=False, **options)
