@@ -1,6 +1,7 @@
 """Public front door: `apply`, `remove`, `force_routing`, and the `RoutedModule` wrapper."""
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -16,6 +17,35 @@ from .route import Route, as_routes, resolve_routes
 __all__ = ["apply", "remove", "force_routing", "RoutedModule", "RouteInfo"]
 
 _PREFIX = "module."
+
+# Bug C: a captured graph holds the module objects of capture time. Each module a graph depends
+# on (see `_dependencies`) maps to the RoutedModules that depend on it. torch's global registration
+# hooks run on every setattr of a Module / Parameter / buffer, `ModuleList[i] = m`, `append`,
+# `add_module`, `register_parameter` and `register_buffer`. When one of them puts a different
+# object under a name a graph depends on, `_on_registration` drops that RoutedModule's graphs
+# (the next call recaptures the model as it is then). A routed call pays nothing for this.
+_WATCHED = weakref.WeakKeyDictionary()  # module -> WeakSet of RoutedModules
+_MISSING = object()
+_hooks = []
+
+
+def _on_registration(slot):
+    def hook(owner, name, value):
+        routed = _WATCHED.get(owner)
+        if routed and getattr(owner, slot).get(name, _MISSING) is not value:
+            for r in list(routed):
+                mods, attrs = r._deps
+                if (id(owner) in mods) if slot == "_modules" else ((id(owner), name) in attrs):
+                    r._drop_graphs()
+    return hook
+
+
+def _install_hooks():
+    if not _hooks:
+        from torch.nn.modules import module as m
+        _hooks.extend((m.register_module_module_registration_hook(_on_registration("_modules")),
+                       m.register_module_parameter_registration_hook(_on_registration("_parameters")),
+                       m.register_module_buffer_registration_hook(_on_registration("_buffers"))))
 
 
 @dataclasses.dataclass
@@ -67,6 +97,8 @@ class RoutedModule(nn.Module):
         self._graphs = []
         self._fast = None  # (fast key, graph) of the last eager call, see `_lookup`
         self._last = None
+        self._deps = ({}, {})  # what the graphs rely on in the model, see `_dependencies`
+        self._drops = 0        # times the graphs were dropped; in `graph_for`'s key for dynamo's guards
         self._register_state_dict_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
         if example_inputs is not None:
@@ -103,7 +135,8 @@ class RoutedModule(nn.Module):
 
     def graph_for(self, args, kwargs):
         """The routed graph for this call's signature and mode, captured on first use."""
-        key = (self.module.training, input_skeleton(args, kwargs, self.options["keep_batch"]))
+        # `_drops` makes dynamo guard on it: under torch.compile(routed), dropped graphs recompile
+        key = (self.module.training, self._drops, input_skeleton(args, kwargs, self.options["keep_batch"]))
         for k, rg in self._graphs:
             if _same(k, key):
                 return rg
@@ -115,8 +148,19 @@ class RoutedModule(nn.Module):
         rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
         if self.compile_options is not None:
             rg.compiled = torch.compile(rg.gm, **self.compile_options)
+        _install_hooks()
+        mods, attrs = _dependencies(self, rg.gm)
+        self._deps[0].update(mods)
+        self._deps[1].update(attrs)
+        for m in (*mods.values(), *attrs.values()):
+            _WATCHED.setdefault(m, weakref.WeakSet()).add(self)
         self._graphs.append((key, rg))
         return rg
+
+    def _drop_graphs(self):
+        """Forget every captured graph (they hold the modules, parameters and buffers of capture time)."""
+        self._graphs, self._fast, self._deps = [], None, ({}, {})
+        self._drops += 1
 
     @property
     def routing(self) -> list:
@@ -149,13 +193,18 @@ class RoutedModule(nn.Module):
             return getattr(self._modules["module"], name)
 
     def _apply(self, fn, *args, **kwargs):
-        self._graphs, self._fast = [], None  # graphs hold references to buffers that .to() replaces
+        self._drop_graphs()  # graphs hold references to buffers that .to() replaces
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_graphs"], state["_fast"], state["_last"] = [], None, None
+        state["_graphs"], state["_fast"], state["_last"], state["_deps"] = [], None, None, ({}, {})
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("_deps", ({}, {}))  # pickled before these existed
+        state.setdefault("_drops", 0)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"routes={[tuple(dataclasses.astuple(r)) for r in self.routes]}"
@@ -170,6 +219,52 @@ def _check_names(model, routes, blocks, leaf_modules):
         if name not in names:
             raise RouteError(f"leaf_modules: no module named '{name}' in {type(model).__name__}. "
                              f"{INSPECT_HINT}")
+
+
+def _dependencies(routed, gm):
+    """What a captured graph relies on in the model, to notice replacements after capture (bug C).
+
+    Returns ({id: module}, {(id, name): owner}). The modules: `routed`, every module the trace
+    went into, and their children that are not leaves (so that e.g. an append to a then-empty
+    ModuleList counts); the graph depends on which object each holds under each name. The
+    attributes: each parameter or buffer the graph reads with `get_attr`. Leaves (`call_module`
+    targets) run live, so changes inside them are seen without a new capture and not recorded.
+    """
+    model = routed._modules["module"]
+    called, paths, reads = set(), {""}, []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            called.add(n.target)
+            paths.add(n.target)
+        elif n.op == "get_attr":
+            owner, _, name = n.target.rpartition(".")
+            reads.append((owner, name))
+            paths.add(owner)
+        for k, v in (n.meta.get("nn_module_stack") or {}).items():
+            paths.add(v[0] if isinstance(v, tuple) else k)
+    for p in list(paths):
+        while p:
+            p = p.rpartition(".")[0]
+            paths.add(p)
+    mods = {id(routed): routed}
+    for path in paths - called:
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:  # graph-own modules (route selectors) and constants
+            continue
+        mods[id(m)] = m
+        for name, child in m._modules.items():
+            if child is not None and (f"{path}.{name}" if path else name) not in called:
+                mods[id(child)] = child
+    attrs = {}
+    for path, name in reads:
+        try:
+            owner = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if name in owner._parameters or name in owner._buffers:
+            attrs[(id(owner), name)] = owner
+    return mods, attrs
 
 
 def _fast_key(training, args, kwargs, keep_batch):

@@ -1,7 +1,9 @@
 """State and memory tricks: state_dict both ways, deepcopy, save/load, .to(), optimizers,
 activation checkpointing, frozen blocks, no_grad, determinism, ratio schedules."""
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -136,19 +138,23 @@ def test_activation_checkpointing_applied_after_apply():
     assert list(routed.state_dict()) == list(ref_model.state_dict()), "checkpoint keys unchanged"
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="a graph captured before the blocks were wrapped keeps calling the "
-                          "unwrapped blocks: no recomputation (docs/reliability.md, 'Known bugs')")
 def test_activation_checkpointing_applied_after_the_first_step_takes_effect():
+    """Was bug C: the wrapping replaces the blocks, so the next call recaptures around them."""
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
-    _step_counting_recomputes(routed, model)  # captures the graph
+    loss0, grads0, _ = _step_counting_recomputes(routed, model)  # captures the graph
+    old = weakref.ref(routed._graphs[0][1].gm)
     _wrap_blocks_in_checkpointing(routed)
-    assert _step_counting_recomputes(routed, model)[2] == len(model.blocks)
+    loss1, grads1, recomputed = _step_counting_recomputes(routed, model)
+    assert recomputed == len(model.blocks)
+    assert torch.allclose(loss0, loss1, atol=1e-7) and grads0.keys() == grads1.keys()
+    assert all(torch.allclose(grads0[k], grads1[k], atol=1e-6) for k in grads0)
+    gc.collect()
+    assert len(routed._graphs) == 1 and old() is None, "the stale graph is dropped, not kept alive"
 
 
 def test_activation_checkpointing_after_the_first_step_workaround_reapply():
-    """Until the bug above is fixed: re-apply after wrapping (a fresh capture sees the wrappers)."""
+    """The former workaround for bug C still works: re-apply after wrapping."""
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
     loss0, grads0, _ = _step_counting_recomputes(routed, model)
@@ -158,6 +164,92 @@ def test_activation_checkpointing_after_the_first_step_workaround_reapply():
     assert recomputed == len(model.blocks)
     assert torch.allclose(loss0, loss1, atol=1e-7)
     assert all(torch.allclose(grads0[k], grads1[k], atol=1e-6) for k in grads0)
+
+
+def _perturbed(module, seed=5):
+    twin = copy.deepcopy(module)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return twin
+
+
+def _replace_block(model):
+    model.blocks[2] = _perturbed(model.blocks[2])            # ModuleList.__setitem__
+
+
+def _append_block(model):
+    model.blocks.append(_perturbed(model.blocks[-1]))        # the chain grows to 7 blocks
+
+
+def _replace_traced_linear(model):
+    model.final_layer.linear = _perturbed(model.final_layer.linear)  # a leaf in inlined code
+
+
+def _replace_embedder(model):
+    model.t_embedder = _perturbed(model.t_embedder)          # a module the trace went into
+
+
+def _replace_parameter(model):
+    model.pos_embed = torch.nn.Parameter(model.pos_embed.detach() * -2, requires_grad=False)  # get_attr
+
+
+@pytest.mark.parametrize("edit", [_replace_block, _append_block, _replace_traced_linear, _replace_embedder,
+                                  _replace_parameter])
+def test_module_or_parameter_replaced_after_the_first_step_is_used(edit):
+    """Was bug C: the next routed step recaptures and equals a fresh apply of the edited model."""
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    torch.manual_seed(0)
+    before = routed(*dit_inputs(3))
+    edit(model)
+    gc.collect()
+    torch.manual_seed(0)
+    after = routed(*dit_inputs(3))
+    torch.manual_seed(0)
+    fresh = routefx.apply(model, [(1, 4, 0.5)])(*dit_inputs(3))
+    assert not torch.allclose(before, after), "the edit changes the output"
+    assert torch.equal(after, fresh)
+    assert len(routed._graphs) == 1
+
+
+def test_changes_inside_a_leaf_or_no_change_keep_the_graph():
+    """Leaf blocks run live (a LoRA-like swap inside one is seen without recapture); re-assigning
+    the same module, or building unrelated modules, keeps the captured graph."""
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    routed(*dit_inputs(2))
+    rg = routed._graphs[0][1]
+    model.blocks[2] = model.blocks[2]
+    model.pos_embed = model.pos_embed
+    torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    model.blocks[2].attn.qkv = _perturbed(model.blocks[2].attn.qkv)
+    torch.manual_seed(0)
+    out = routed(*dit_inputs(2))
+    assert routed._graphs == [(routed._graphs[0][0], rg)], "no recapture"
+    torch.manual_seed(0)
+    assert torch.equal(out, tread_dit(model, *dit_inputs(2), [routefx.Route(1, 4, 0.5)]))
+
+
+def test_block_replaced_after_the_first_compiled_step_is_used():
+    """Bug C under `torch.compile(routed)`: the replacement recompiles around the new block."""
+    torch._dynamo.reset()
+    model = tiny_dit()
+    routed = routefx.apply(model, [(1, 4, 0.5)])
+    compiled = torch.compile(routed, backend="eager")
+    torch.manual_seed(0)
+    before = compiled(*dit_inputs(3))
+    _replace_block(model)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        outs.append(compiled(*dit_inputs(3)))
+    torch.manual_seed(0)
+    fresh = routefx.apply(model, [(1, 4, 0.5)])(*dit_inputs(3))
+    assert not torch.allclose(before, fresh)
+    assert all(torch.allclose(o, fresh, atol=1e-6) for o in outs)
+    torch._dynamo.reset()
 
 
 def test_frozen_blocks_and_no_grad_training_forward():
