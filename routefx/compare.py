@@ -146,11 +146,11 @@ def _plot(arms, path: str, title: str, opts_cfg: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    for arm in arms:
+    for color, arm in zip(("C0", "C1"), arms):  # one colour per arm, one line style per cfg
         m = [e["minutes"] for e in arm.evals]
-        axes[0].plot(m, [e["frechet"] for e in arm.evals], "o-", label=arm.name)
-        for cfg in (arm.evals[0]["cfg"] if arm.evals else {}):
-            axes[1].plot(m, [e["cfg"][cfg]["label_agreement"] for e in arm.evals], "o-",
+        axes[0].plot(m, [e["frechet"] for e in arm.evals], "o-", color=color, label=arm.name)
+        for style, cfg in zip(("o-", "s--", "^:"), arm.evals[0]["cfg"] if arm.evals else {}):
+            axes[1].plot(m, [e["cfg"][cfg]["label_agreement"] for e in arm.evals], style, color=color,
                          label=f"{arm.name}, cfg {cfg}")
     axes[0].set_ylabel("classifier Frechet distance (lower is better)")
     axes[0].set_title(f"cfg {opts_cfg}", fontsize=9)
