@@ -28,13 +28,7 @@ RATIOS = [0.1, 0.25, 0.5, 0.75, 0.9]
 
 # ------------------------------------------------------------------------------ helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin badly on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kept_ids(batch, n, ratio, protect=0):

@@ -100,12 +100,7 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 FP64_OK = ["U-ViT", "timm-ViT"]  # DiT, SiT, DiM build float32 timestep features: eager fails in float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(family, dtype=torch.float32):

@@ -15,12 +15,7 @@ from routefx import RouteError
 from routefx.backbones import create, example_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model, std=0.05):
