@@ -117,6 +117,17 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
                          f"shared_indices=True to routefx.apply (--shared-indices in routefx.inspect) to accept that "
                          f"(e.g. rotary tables), or give "
                          f"the table a batch dim.")
+    per_sample = [u for u, (kind, _) in entering.items() if kind in ("broadcast", "table1")]
+    if per_sample and not shared_indices and streams.per_sample_tables is not None:
+        batch, err = streams.per_sample_tables
+        u = per_sample[0]
+        raise RouteError(f"Route {i}: the per-token table {_where(u)} of shape {_shape(u)} enters blocks "
+                         f"{route.start}..{route.end}. routefx gathers it per sample into (batch, kept, ...), "
+                         f"but the model fails that way at batch size {batch} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}): it probably broadcasts the table "
+                         f"against another dim (e.g. attention heads), where per-sample rows would mix "
+                         f"samples. Pass shared_indices=True to routefx.apply (one index set per batch; the "
+                         f"table stays (1, kept, ...) and broadcasts as before).")
     gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared_indices))
     with graph.inserting_before(first):
         sel = graph.call_module(name, (primary,))

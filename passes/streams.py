@@ -40,6 +40,7 @@ class Streams:
     protect: int             # prefix tokens never routed
     input_derived: set       # nodes that depend on any model input
     failed_at: tuple = None  # (block index, exception) if a block cannot run on fewer tokens
+    per_sample_tables: tuple = None  # (batch tried, exception) if (1, N, ...) tables fail per sample
 
 
 def flat_inputs(node: fx.Node) -> list:
@@ -167,9 +168,11 @@ class _Stop(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm, region, after0, streams, keep, shared):
+    def __init__(self, gm, region, after0, streams, keep, shared, batch=None):
         super().__init__(gm)
         self.region, self.after0, self.streams, self.keep, self.shared = region, after0, streams, keep, shared
+        self.batch = batch or streams.batch
+        self.check_only = batch is not None  # a second run at another batch size: learn nothing
         self.todo = set(region)  # stop once every node of the span has run
         self.ids = None
         self.gathered = {}
@@ -180,7 +183,8 @@ class _Probe(fx.Interpreter):
             try:  # does a value the trace fixed change when blocks see fewer tokens?
                 return super().run_node(n)
             except GuardError:
-                meta["token_dependent"] = True
+                if not self.check_only:
+                    meta["token_dependent"] = True
                 return None
         if n in self.after0 and n not in self.region:
             return None  # consumes the stream after it left the probe's span: not needed
@@ -194,7 +198,8 @@ class _Probe(fx.Interpreter):
             out = super().run_node(n)
         finally:
             self.env.update(saved)
-        n.meta.setdefault("routefx", {})["token"] = _label(out, self.streams.batch, self.keep)
+        if not self.check_only:
+            n.meta.setdefault("routefx", {})["token"] = _label(out, self.streams.batch, self.keep)
         self.todo.discard(n)
         if not self.todo:
             raise _Stop
@@ -207,7 +212,7 @@ class _Probe(fx.Interpreter):
                 gen = torch.Generator(device=x.device).manual_seed(0)
                 ratio = 1 - (self.keep - s.protect) / (s.num_tokens - s.protect)
                 ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
-                self.ids = ids[:, : self.keep].expand(s.batch, -1)
+                self.ids = ids[:, : self.keep].expand(self.batch, -1)
             kind = token_kind(u, s)
             if kind in ("table0", "table1"):
                 self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]), self.shared)
@@ -238,8 +243,35 @@ def _probe(gm, chain, g, streams, values, example, mode, shared):
         with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
             probe.run(*example)
     except _Stop:
+        if mode is not None and not shared:
+            _check_per_sample_tables(gm, region, probe, streams, keep, values, example, mode)
         return
     except Exception as e:  # noqa: BLE001 - remembered, reported by routes that need this block
         failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
                                    key=lambda n: n.meta["routefx"]["block"], default=None)
         streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, e)
+
+
+def _check_per_sample_tables(gm, region, probe, streams, keep, values, example, mode):
+    """A `(1, N, ...)` table entering the span is gathered per sample into `(B, n_kept, ...)`,
+    which is right only if the blocks broadcast its dim 0 against the batch. A block that
+    broadcasts it against another dim (attention heads) runs at a batch equal to that dim and
+    silently mixes samples. So run the span again, on fake tensors, at a batch size no tensor of
+    the model has: such a block then fails, and routes gathering those tables are refused."""
+    kinds = ("broadcast", "table1")
+    if not any(token_kind(u, streams) in kinds for v in region for u in v.all_input_nodes if u not in region):
+        return
+    dims = {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
+    batch = next(b for b in range(3, 10_000) if b not in dims)
+    with mode:
+        bigger = [torch.zeros((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                  if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == streams.batch else x
+                  for x in example]
+    check = _Probe(gm, region, probe.after0, streams, keep, False, batch=batch)
+    try:
+        with torch.no_grad(), mode, _quiet_fake_tensor():
+            check.run(*bigger)
+    except _Stop:
+        return
+    except Exception as e:  # noqa: BLE001 - reported by the routes that gather such tables
+        streams.per_sample_tables = (batch, e)

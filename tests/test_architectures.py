@@ -936,3 +936,47 @@ def test_rotary_table_without_prefix_rows_is_gathered_per_patch_token(batched_ta
     assert_close(out, model.out(h[:, 1:]))
     routed.eval()
     assert torch.equal(routed(x), model(x))
+
+
+# ---------------------------------------------------------------- j. (1, N, d) table broadcast against heads
+
+class HeadRope(nn.Module):
+    """A (1, N, head_dim) rotary table that blocks broadcast against (B, heads, N, head_dim): its
+    dim 0 lines up with the HEADS, so per-sample rows would be wrong (and silently so at B == heads)."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.patch = nn.Conv2d(C_IN, D, P, P)
+        self.blocks = nn.ModuleList([PatchRopeBlock() for _ in range(depth)])  # 2 heads
+        self.out = nn.Linear(D, P * P * C_IN)
+        ang = torch.arange(N_IMG + 1, dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, D // 4)[None]
+        self.register_buffer("rope", torch.cat([ang, ang], dim=-1)[None, 1:])  # (1, N_IMG, head_dim)
+
+    def forward(self, x):
+        h = torch.cat([torch.zeros_like(patchify_embed(self.patch, x)[:, :1]), patchify_embed(self.patch, x)], 1)
+        for blk in self.blocks:
+            h = blk(h, self.rope)
+        return self.out(h[:, 1:])
+
+
+def test_table_broadcast_against_heads_is_refused_per_sample_even_when_batch_equals_heads():
+    torch.manual_seed(0)
+    model = HeadRope()
+    x = torch.randn(2, C_IN, SIDE, SIDE)  # batch 2 == 2 heads: the shapes alone would not complain
+    with pytest.raises(RouteError, match="broadcasts the table.*shared_indices=True"):
+        routefx.apply(model, [(1, 2, 0.5)], protect=1, example_inputs=(x,))
+    routed = routefx.apply(model, [(1, 2, 0.5)], protect=1, shared_indices=True)
+    torch.manual_seed(0)
+    out = routed(x)
+    torch.manual_seed(0)
+    ids = kept_ids(1, N_IMG, 0.5, protect=1).expand(2, -1)
+    assert torch.equal(routed.routing[0].ids, ids)
+    sub = model.rope[:, ids[0, 1:] - 1]  # (1, kept patches, head_dim): still broadcasts over heads
+    h = torch.cat([torch.zeros_like(patchify_embed(model.patch, x)[:, :1]), patchify_embed(model.patch, x)], 1)
+    for i, blk in enumerate(model.blocks):
+        if i == 1:
+            saved, h = h, gather(h, ids)
+        h = blk(h, sub if 1 <= i <= 2 else model.rope)
+        if i == 2:
+            h = scatter(saved, ids, h)
+    assert_close(out, model.out(h[:, 1:]))
