@@ -118,8 +118,13 @@ def _detect_prefix(primary, from_src, values) -> int:
     return prefix
 
 
+def _dims(values: dict) -> set:
+    """Every dimension size of every traced tensor value."""
+    return {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
+
+
 def _probe_count(n_total: int, protect: int, values: dict) -> int:
-    dims = {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
+    dims = _dims(values)
     for keep in range(n_total - protect - 1, 0, -1):
         if protect + keep not in dims:
             return protect + keep
@@ -261,7 +266,7 @@ def _check_per_sample_tables(gm, region, probe, streams, keep, values, example, 
     kinds = ("broadcast", "table1")
     if not any(token_kind(u, streams) in kinds for v in region for u in v.all_input_nodes if u not in region):
         return
-    dims = {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
+    dims = _dims(values)
     batch = next(b for b in range(3, 10_000) if b not in dims)
     with mode:
         bigger = [torch.zeros((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)

@@ -22,16 +22,16 @@ Example:
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 from . import evaluate
+from .bench import _env
 from .data import load_images
 from .diffusion import Guidance, sample
-from .train import parse_args, passive_omp
+from .train import parse_args, run_cli
 from .trainer import Trainer
 from .viz import save_grid
 
@@ -124,16 +124,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _machine(device) -> str:
+    env = _env(device)  # the same facts `routefx.bench` records
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+        return f"{env['device_name']}, torch {env['torch']}"
+    return (f"{env['device_name']}, {env['cpu_count']} cores, {env['threads']} torch thread(s), "
+            f"torch {env['torch']}, Python {env['python']}")
 
 
 def _median(xs):
@@ -297,5 +292,4 @@ def _dump(arms, opts, base: str) -> None:
 
 
 if __name__ == "__main__":
-    passive_omp("routefx.compare")
-    sys.exit(main())
+    run_cli("routefx.compare", main, ())

@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -225,9 +224,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from .checkpoint import CheckpointError
-    from .train import passive_omp
-    passive_omp("routefx.evaluate")
-    try:
-        sys.exit(main())
-    except (CheckpointError, RuntimeError) as e:
-        sys.exit(f"routefx.evaluate: {e}")
+    from .train import run_cli
+    run_cli("routefx.evaluate", main, (CheckpointError, RuntimeError))

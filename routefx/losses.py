@@ -11,7 +11,6 @@ Example:
     torch.Size([2, 4])
 """
 import torch
-import torch.nn.functional as F
 
 __all__ = ["patchify", "unpatchify", "patch_errors", "plain_loss", "masked_route_loss",
            "standardize_patches"]

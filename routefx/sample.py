@@ -10,12 +10,11 @@ Example:
     python -m routefx.sample --ckpt runs/DiT-mini-mnist-tread/checkpoint.pt --out rg.png --routing-guidance
 """
 import argparse
-import sys
 
 import torch
 
 from . import apply as route_apply
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .checkpoint import load_checkpoint, load_weights
 from .diffusion import Guidance, make_objective, sample
 from .models import build, describe, paper_route
 from .route import Route
@@ -92,9 +91,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import passive_omp
-    passive_omp("routefx.sample")
-    try:
-        sys.exit(main())
-    except CheckpointError as e:
-        sys.exit(f"routefx.sample: {e}")
+    from .train import run_cli
+    run_cli("routefx.sample", main)

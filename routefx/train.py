@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError
 from .trainer import StopFlag, Trainer, lr_at
 from .viz import plot_loss, read_metrics
 
-__all__ = ["main", "parse_args", "parse_route", "run_loop", "passive_omp"]
+__all__ = ["main", "parse_args", "parse_route", "run_loop", "passive_omp", "run_cli"]
 
 _MODEL_FLAGS = {"hidden": "hidden_size", "depth": "depth", "heads": "num_heads", "patch": "patch_size"}
 
@@ -279,9 +279,14 @@ def passive_omp(module: str) -> None:
         os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
 
 
-if __name__ == "__main__":
-    passive_omp("routefx.train")
+def run_cli(module: str, entry, errors=(CheckpointError,)) -> None:
+    """`python -m module`: passive OpenMP waiting, then `entry()`; `errors` end it with one line."""
+    passive_omp(module)
     try:
-        sys.exit(main())
-    except CheckpointError as e:
-        sys.exit(f"routefx.train: {e}")
+        sys.exit(entry())
+    except errors as e:
+        sys.exit(f"{module}: {e}")
+
+
+if __name__ == "__main__":
+    run_cli("routefx.train", main)
