@@ -70,14 +70,18 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
     modules cannot run on them (code that branches on data, an op without a fake-tensor kernel:
     capture then raises an exception that is not a `RouteError`) is captured again with real values.
     """
+    # blocks the user already compiled (`block.compile()`, `torch.compile(block)`) run eagerly here:
+    # inductor's code must never see the fake tensors (it reads their data pointers and crashes)
     try:
-        return _build(model, args, kwargs, routes, control, fake=True, **options)
-    except RouteError:
-        raise
-    except Exception as e:  # noqa: BLE001 - needs real values (see the docstring)
-        log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
-                 type(e).__name__, e)
-        return _build(model, args, kwargs, routes, control, fake=False, **options)
+        with torch.compiler.set_stance("force_eager"):
+            try:
+                return _build(model, args, kwargs, routes, control, fake=True, **options)
+            except RouteError:
+                raise
+            except Exception as e:  # noqa: BLE001 - needs real values (see the docstring)
+                log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
+                         type(e).__name__, e)
+                return _build(model, args, kwargs, routes, control, fake=False, **options)
     finally:
         # inside an autocast region, autocast caches the low-precision copies of the weights it
         # cast while we traced: fake tensors must not leak into the real forward that follows
