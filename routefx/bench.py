@@ -7,6 +7,12 @@ Three arms share one set of parameters and one AdamW optimizer, and run interlea
 * ``routefx``: ``routefx.apply(model, routes)`` in train mode;
 * ``hand``: a hand-written TREAD forward over the DiT/SiT modules (absent for other backbones).
 
+Modes: ``eager``; ``compiled``, each arm ``torch.compile``'d whole (three fwd+bwd compiles of the
+full model); ``regional``, every block of the chain compiled in place
+(``block.compile(dynamic=False)``), so the three arms and all the blocks share a few static block
+graphs (per token count and input layout): the same kernels inside the blocks at a fraction of the
+compile time, with the few ops between blocks (embedding, gathers, scatters, final layer) eager.
+
 A step is forward + MSE loss + backward + ``AdamW.step``. The report gives median / min step
 times, routed/dense and routefx/hand ratios, the FLOP ratio counted by
 ``torch.utils.flop_counter.FlopCounterMode`` over one fwd+bwd, efficiency (time speedup over FLOP
@@ -16,7 +22,7 @@ speedup), peak memory per arm, the time of ``routefx.apply`` and the eval-mode f
 
 Several runs share one process (imports, CUDA set-up and inductor's compile workers paid once):
 
-    python -m routefx.bench --run DiT-B/2:2,8,0.5 --run DiT-XL/2:2,20,0.5 --modes eager compiled \
+    python -m routefx.bench --run DiT-B/2:2,8,0.5 --run DiT-XL/2:2,20,0.5 --modes eager regional \
         --input-size 32 --json-dir results
 """
 import argparse
@@ -34,6 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import routefx
@@ -44,6 +51,7 @@ from routefx.route import resolve_routes
 __all__ = ["main", "run", "parse_args", "default_routes", "HandTread", "format_table"]
 
 ARMS = ("dense", "routefx", "hand")
+MODES = ("eager", "compiled", "regional")
 
 
 #################################################################################
@@ -79,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run", type=_run_spec, action="append", default=None, metavar="BACKBONE[:S,E,R...]",
                    help="a backbone and its routes (default: the paper rule); repeatable, every run in "
                         "this one process; replaces --backbone/--routes")
-    p.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=None,
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="run every backbone in each mode, mode after mode (default: eager, or compiled "
-                        "with --compile)")
+                        "with --compile); regional compiles the blocks only, shared by the three arms")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs forward and loss under autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -122,9 +130,9 @@ def _create(name: str, input_size, device) -> nn.Module:
 
 
 def _chain(model, inputs) -> tuple:
-    """(blocks in the chain, tokens N) as routefx sees them, from a ratio-0 capture."""
+    """(names of the blocks in the chain, tokens N) as routefx sees them, from a ratio-0 capture."""
     rg = routefx.apply(model, [(0, 0, 0.0)], example_inputs=inputs)._graphs[0][1]
-    return len(rg.chain), rg.plans[0].num_tokens
+    return list(rg.chain.names), rg.plans[0].num_tokens
 
 
 def _sync(device):
@@ -168,15 +176,23 @@ class HandTread(nn.Module):
         return m.unpatchify(m.final_layer(h, c))  # (N, C, H, W)
 
 
-def _arms(model, routed, routes, compile_: bool) -> dict:
-    """name -> callable for each arm (compiled when asked); `hand` is None off the DiT family."""
+def _arms(model, routed, routes, mode: str = "eager", blocks=()) -> dict:
+    """name -> callable for each arm; `hand` is None off the DiT family.
+
+    `compiled` wraps each arm in `torch.compile`; `regional` compiles the modules named in `blocks`
+    in place, which every arm then calls (the arms stay uncompiled around them).
+    """
     eager = {"dense": model, "routefx": routed,
              "hand": HandTread(model, routes) if isinstance(model, DiT) else None}
-    if not compile_:
+    if mode == "eager":
         return eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(
         torch._dynamo.config.accumulated_cache_size_limit, 512)
+    if mode == "regional":
+        for name in blocks:
+            model.get_submodule(name).compile(dynamic=False)  # one static graph per token count
+        return eager
     return {k: None if m is None else torch.compile(m) for k, m in eager.items()}
 
 
@@ -210,8 +226,8 @@ def time_rounds(arms: dict, fn, rounds: int, device) -> dict:
 
 
 def count_flops(arm, inputs, amp) -> int:
-    """FLOPs of one forward + backward of `arm` (FlopCounterMode; gradients discarded)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward + backward of `arm` (FlopCounterMode, blocks run eagerly; gradients discarded)."""
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         with amp:
             out = arm(*inputs)
         out.float().square().mean().backward()
@@ -267,13 +283,13 @@ def _time_apply(model, routes, inputs, device) -> tuple:
     return routed, time.perf_counter() - t0
 
 
-def _eval_forward(model, routed, inputs, amp, rounds, device) -> dict:
+def _eval_forward(model, routed, inputs, amp, rounds, device, mode) -> dict:
     routed.eval()  # the original module's mode follows
     with torch.no_grad(), amp:
         times = time_rounds({"dense": model, "routefx": routed}, lambda a: a(*inputs), rounds + 1, device)
     routed.train()
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {"compiled": False, "dense_ms": med["dense"], "routefx_ms": med["routefx"],
+    return {"compiled": mode == "regional", "dense_ms": med["dense"], "routefx_ms": med["routefx"],
             "ratio": med["routefx"] / med["dense"]}
 
 
@@ -325,7 +341,7 @@ def format_table(res: dict) -> str:
     c, r, arms = res["config"], res["ratios"], res["arms"]
     lines = [f"routefx bench: {c['backbone']} input {c['input_size']} ({res['tokens']} tokens, "
              f"{res['blocks']} blocks) batch {c['batch']} routes {c['routes']}",
-             f"  {res['env']['device_name']} ({c['device']}), {'compiled' if c['compile'] else 'eager'}, "
+             f"  {res['env']['device_name']} ({c['device']}), {c['mode']}, {c['optimizer']}, "
              f"{c['dtype']}, {res['env']['threads']} threads, torch {res['env']['torch']}",
              f"{'arm':<14}{'median ms':>11}{'min ms':>10}{'vs dense':>10}{'GFLOP':>10}{'peak MB':>10}"]
     for k in ARMS:
@@ -343,6 +359,8 @@ def format_table(res: dict) -> str:
               f"apply(): {res['apply_s']:.2f} s   eval forward: dense {res['eval']['dense_ms']:.1f} ms, "
               f"routefx {res['eval']['routefx_ms']:.1f} ms, ratio {res['eval']['ratio']:.3f}",
               f"memory: {res['memory_method']}"]
+    if c["mode"] != "eager":
+        lines.append(f"graphs compiled for the training steps: {res['compiled_graphs']}")
     return "\n".join(lines)
 
 
@@ -355,15 +373,21 @@ def _setup(args) -> tuple:
     model = _create(args.backbone, args.input_size, args.device).train()
     batch = args.batch or (32 if torch.device(args.device).type == "cuda" else 16)
     inputs = example_inputs(model, batch)
-    num_blocks, tokens = _chain(model, inputs)
-    routes = resolve_routes(args.routes or default_routes(num_blocks), num_blocks)
-    return model, batch, inputs, num_blocks, tokens, routes
+    blocks, tokens = _chain(model, inputs)
+    routes = resolve_routes(args.routes or default_routes(len(blocks)), len(blocks))
+    return model, batch, inputs, blocks, tokens, routes
+
+
+def _fused(device) -> bool:
+    """Fused AdamW (one kernel for the whole update) where it exists: on CUDA."""
+    return torch.device(device).type == "cuda"
 
 
 def _measure_arms(arms, eager, model, inputs, args) -> dict:
     amp = _amp(args.device, args.dtype)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    with torch.no_grad():
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=_fused(args.device) or None)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # no inference graph compiled for it
         target = torch.randn_like(model(*inputs).float())
     step = lambda arm: _step(arm, opt, inputs, target, amp)  # noqa: E731
     times = time_rounds(arms, step, args.warmup + args.steps, args.device)
@@ -378,18 +402,22 @@ def _measure_arms(arms, eager, model, inputs, args) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark for parsed `args`; returns the result dict (see `main`)."""
     env = _env(args.device)  # load average before the run
-    model, batch, inputs, num_blocks, tokens, routes = _setup(args)
+    model, batch, inputs, blocks, tokens, routes = _setup(args)
     routed, apply_s = _time_apply(model, routes, inputs, args.device)
-    eager = _arms(model, routed, routes, False)
-    arms = _arms(model, routed, routes, args.compile)
+    eager = _arms(model, routed, routes)
+    arms = _arms(model, routed, routes, args.mode, blocks)
+    graphs = counters["stats"]["unique_graphs"]
     measured, method = _measure_arms(arms, eager, model, inputs, args)
     config = {k: getattr(args, k) for k in ("backbone", "input_size", "steps", "warmup", "device",
-                                            "compile", "dtype", "threads", "seed")}
-    config.update(batch=batch, routes=[[r.start, r.end, r.ratio] for r in routes])
-    return {"config": config, "env": env, "blocks": num_blocks, "tokens": tokens,
+                                            "compile", "mode", "dtype", "threads", "seed")}
+    config.update(batch=batch, routes=[[r.start, r.end, r.ratio] for r in routes],
+                  optimizer="AdamW, fused" if _fused(args.device) else "AdamW")
+    return {"config": config, "env": env, "blocks": len(blocks), "tokens": tokens,
             "arms": measured, "ratios": _ratios(measured), "apply_s": apply_s,
-            "flop_ratio_estimate": flop_ratio_estimate(num_blocks, routes),
-            "eval": _eval_forward(model, routed, inputs, _amp(args.device, args.dtype), args.steps, args.device),
+            "flop_ratio_estimate": flop_ratio_estimate(len(blocks), routes),
+            "compiled_graphs": counters["stats"]["unique_graphs"] - graphs,
+            "eval": _eval_forward(model, routed, inputs, _amp(args.device, args.dtype), args.steps,
+                                  args.device, args.mode),
             "memory_method": method}
 
 
@@ -397,7 +425,7 @@ def _runs(args) -> list:
     """One Namespace per run: every `--run` (else `--backbone`/`--routes`) in every mode, mode after mode."""
     specs = args.run or [(args.backbone, args.routes)]
     modes = args.modes or (["compiled"] if args.compile else ["eager"])
-    return [argparse.Namespace(**{**vars(args), "backbone": b, "routes": r, "compile": m == "compiled"})
+    return [argparse.Namespace(**{**vars(args), "backbone": b, "routes": r, "mode": m, "compile": m != "eager"})
             for m in modes for b, r in specs]
 
 
@@ -405,7 +433,7 @@ def _json_name(res: dict) -> str:
     c = res["config"]
     routes = "+".join("-".join(f"{v:g}" for v in r) for r in c["routes"])
     name = c["backbone"].replace("/", "").lower()
-    return f"{name}_{routes}_{'compiled' if c['compile'] else 'eager'}.json"
+    return f"{name}_{routes}_{c['mode']}.json"
 
 
 def _write_json(obj, path: str):
@@ -422,7 +450,8 @@ def main(argv=None):
     Returns:
         The result dict (a list of them for several runs): `config`, `env`, `blocks`, `tokens`, `arms`
         (per arm: `median_ms`, `min_ms`, `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`; `hand` is
-        None off the DiT family), `ratios`, `flop_ratio_estimate`, `apply_s`, `eval`, `memory_method`.
+        None off the DiT family), `ratios`, `flop_ratio_estimate`, `apply_s`, `compiled_graphs` (dynamo's
+        unique graphs for the timed steps), `eval`, `memory_method`.
 
     Example:
         >>> res = main(["--backbone", "DiT-T/2", "--input-size", "8", "--batch", "2",

@@ -100,7 +100,8 @@ class Trainer:
         self.train_net = self._wrap_ddp(self.net)
         self.ema = EMA(self.model, args.ema)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
-                                     betas=(0.9, 0.99), weight_decay=args.weight_decay)
+                                     betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                                     fused=self.device.type == "cuda" or None)  # one kernel per update on GPUs
         self.objective = make_objective(args.objective)
         self.batches = Batches(self.data, args.batch, seed=args.seed, rank=rank, world=world)
         self.step = 0
