@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on CUDA devices that support it, else fp32")
+    r.add_argument("--compile-blocks", action="store_true",
+                   help="torch.compile every block in place (regional compilation, for GPU speed): "
+                        "one compile reused by all blocks; the routing graph stays eager")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores / processes)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",

@@ -26,6 +26,7 @@ from .data import Batches, load_images
 from .diffusion import Guidance, make_objective, sample
 from .losses import masked_route_loss, plain_loss, standardize_patches
 from .models import backbone_config, build, describe, paper_route
+from .passes.find_blocks import block_candidates
 from .route import Route
 from .viz import save_grid
 
@@ -97,6 +98,9 @@ class Trainer:
         self.routes = self._routes()
         self.gen = torch.Generator(self.device).manual_seed(args.seed + rank)
         self.net = route_apply(self.model, self.routes, generator=self.gen) if self.routes else self.model
+        if getattr(args, "compile_blocks", False):
+            for name in sorted(block_candidates(self.model)):  # the repeated blocks routefx treats as leaves
+                self.model.get_submodule(name).compile()      # in place: same module, same state_dict keys
         self.train_net = self._wrap_ddp(self.net)
         self.ema = EMA(self.model, args.ema)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
