@@ -27,7 +27,7 @@ from torch import nn
 from routefx.errors import INSPECT_HINT, RouteError
 from routefx.ops import RouteSelector, gather_table, gather_tokens, scatter_tokens
 from .find_blocks import dataflow_graph
-from .streams import flat_inputs, span_region, token_kind
+from .streams import PER_SAMPLE_TABLES, flat_inputs, span_region, token_kind
 
 __all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
 
@@ -117,7 +117,7 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
                          f"shared_indices=True to routefx.apply (--shared-indices in routefx.inspect) to accept that "
                          f"(e.g. rotary tables), or give "
                          f"the table a batch dim.")
-    per_sample = [u for u, (kind, _) in entering.items() if kind in ("broadcast", "table1")]
+    per_sample = [u for u, (kind, _) in entering.items() if kind in PER_SAMPLE_TABLES]
     if per_sample and not shared_indices and streams.per_sample_tables is not None:
         batch, err = streams.per_sample_tables
         u = per_sample[0]

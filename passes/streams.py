@@ -24,7 +24,7 @@ from routefx.errors import INSPECT_HINT, GuardError, RouteError
 from routefx.ops import gather_table, gather_tokens, select_tokens
 from .find_blocks import dataflow_graph
 
-__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections"]
+__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "PER_SAMPLE_TABLES"]
 
 _CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
 
@@ -65,6 +65,10 @@ def _label(value, batch, count):
     if isinstance(value, (tuple, list)):
         return tuple(_label(v, batch, count) for v in value)
     return False
+
+
+# `token_kind`s of (1, N, ...) tables that a route gathers per sample (unless shared_indices)
+PER_SAMPLE_TABLES = ("broadcast", "table1")
 
 
 def token_kind(node: fx.Node, streams: Streams) -> str:
@@ -263,8 +267,7 @@ def _check_per_sample_tables(gm, region, probe, streams, keep, values, example, 
     broadcasts it against another dim (attention heads) runs at a batch equal to that dim and
     silently mixes samples. So run the span again, on fake tensors, at a batch size no tensor of
     the model has: such a block then fails, and routes gathering those tables are refused."""
-    kinds = ("broadcast", "table1")
-    if not any(token_kind(u, streams) in kinds for v in region for u in v.all_input_nodes if u not in region):
+    if not any(token_kind(u, streams) in PER_SAMPLE_TABLES for v in region for u in v.all_input_nodes if u not in region):
         return
     dims = _dims(values)
     batch = next(b for b in range(3, 10_000) if b not in dims)

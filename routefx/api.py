@@ -165,18 +165,20 @@ class RoutedModule(nn.Module):
     @property
     def routing(self) -> list:
         """`RouteInfo` for each route of the last routed forward (for masked losses)."""
-        if self._last is None:
-            raise RouteError("No routed forward has run yet: call the model in training mode first.")
-        rg, ids = self._last
+        rg, ids = self._last_call()
         return [RouteInfo(r, i, p.num_tokens, p.protect) for r, i, p in zip(rg.routes, ids, rg.plans)]
 
     @property
     def plans(self) -> list:
         """The crossing report of each route (`RoutePlan`: blocks, tensors gathered / scattered /
         passed untouched, token counts) for the graph of the last routed forward."""
+        return list(self._last_call()[0].plans)
+
+    def _last_call(self) -> tuple:
+        """(graph, selected ids) of the last routed forward."""
         if self._last is None:
             raise RouteError("No routed forward has run yet: call the model in training mode first.")
-        return list(self._last[0].plans)
+        return self._last
 
     def set_ratio(self, ratio):
         """Override every route's ratio (a float, or a list per route); None restores the routes'."""

@@ -191,7 +191,7 @@ def _arms(model, routed, routes, mode: str = "eager", blocks=()) -> dict:
         torch._dynamo.config.accumulated_cache_size_limit, 512)
     if mode == "regional":
         for name in blocks:
-            model.get_submodule(name).compile(dynamic=False)  # one static graph per token count
+            model.get_submodule(name).compile(dynamic=False)  # static graphs: per token count and layout
         return eager
     return {k: None if m is None else torch.compile(m) for k, m in eager.items()}
 

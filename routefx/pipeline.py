@@ -72,20 +72,19 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
     """
     # blocks the user already compiled (`block.compile()`, `torch.compile(block)`) run eagerly here:
     # inductor's code must never see the fake tensors (it reads their data pointers and crashes)
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            try:
-                return _build(model, args, kwargs, routes, control, fake=True, **options)
-            except RouteError:
-                raise
-            except Exception as e:  # noqa: BLE001 - needs real values (see the docstring)
-                log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
-                         type(e).__name__, e)
-                return _build(model, args, kwargs, routes, control, fake=False, **options)
-    finally:
-        # inside an autocast region, autocast caches the low-precision copies of the weights it
-        # cast while we traced: fake tensors must not leak into the real forward that follows
-        torch.clear_autocast_cache()
+    with torch.compiler.set_stance("force_eager"):
+        try:
+            return _build(model, args, kwargs, routes, control, fake=True, **options)
+        except RouteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - needs real values (see the docstring)
+            log.info("routefx: fake-tensor capture failed (%s: %s); capturing with real values",
+                     type(e).__name__, e)
+            return _build(model, args, kwargs, routes, control, fake=False, **options)
+        finally:
+            # inside an autocast region, autocast caches the low-precision copies of the weights it
+            # cast while we traced: fake tensors must not leak into the real forward that follows
+            torch.clear_autocast_cache()
 
 
 def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),

@@ -98,7 +98,7 @@ class Trainer:
         self.routes = self._routes()
         self.gen = torch.Generator(self.device).manual_seed(args.seed + rank)
         self.net = route_apply(self.model, self.routes, generator=self.gen) if self.routes else self.model
-        if getattr(args, "compile_blocks", False):
+        if args.compile_blocks:
             for name in sorted(block_candidates(self.model)):  # the repeated blocks routefx treats as leaves
                 self.model.get_submodule(name).compile()      # in place: same module, same state_dict keys
         self.train_net = self._wrap_ddp(self.net)
