@@ -55,12 +55,26 @@ def mnist_path() -> str:
                             f"Or train on --data digits (scikit-learn) or --data DIR.")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in plain containers and nothing else: any other global is refused,
+    so an altered data file cannot run code (the `pickle` docs' "restricting globals" recipe)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{mnist_path()} asks to import {module}.{name}; MNIST data holds "
+                                         f"numpy arrays only, so it was not loaded. Reinstall: {_MNIST_FIX}")
+        return super().find_class(module, name)
+
+
 def _mnist(split: str) -> ImageData:
     splits = {"train": 0, "val": 1, "test": 2}
     if split not in splits:
         raise ValueError(f"MNIST split {split!r}: use one of {sorted(splits)}")
     with gzip.open(mnist_path(), "rb") as f:
-        sets = pickle.load(f, encoding="latin1")  # ((x, y) train 50k, val 10k, test 10k)
+        sets = _ArrayUnpickler(f, encoding="latin1").load()  # ((x, y) train 50k, val 10k, test 10k)
     x, y = sets[splits[split]]
     images = torch.from_numpy(x).float().reshape(-1, 1, 28, 28) * 2 - 1
     return ImageData(images, torch.from_numpy(y).long(), [str(i) for i in range(10)])

