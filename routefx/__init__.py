@@ -5,6 +5,7 @@
 
 `apply` / `remove` are the front door; `python -m routefx.inspect model.py` is its twin.
 """
+from . import flops  # noqa: F401 - registers the CPU attention FLOP formulas torch lacks
 from .api import RouteInfo, RoutedModule, apply, force_routing, remove
 from .errors import CaptureError, GuardError, RouteError
 from .route import Route

@@ -17,10 +17,10 @@ import traceback
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .api import apply
 from .errors import RouteError
+from .flops import count_flops, tread_flop_ratio, uncounted_line
 from .route import Route, paper_route
 
 __all__ = ["inspect_model", "format_report", "load_model_file", "parse_inputs", "main"]
@@ -102,12 +102,6 @@ def _example(mod, model, inputs):
 
 # -- the report ---------------------------------------------------------------------------------
 
-def _flops(fn) -> tuple:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops(), fc.get_flop_counts()
-
-
 def _step(model, args, kwargs):
     def run():
         out = model(*args, **kwargs)
@@ -120,16 +114,18 @@ def inspect_model(model: nn.Module, args: tuple, kwargs: dict, routes=None, chec
     """Capture `model`, find its chain, and cost `routes` (default: the paper's rule).
 
     Returns a JSON-able dict: capture, chain, tokens, per-block FLOPs, and per-route crossings,
-    dense vs routed forward and fwd+bwd FLOPs (measured with FlopCounterMode on both models).
+    dense vs routed forward and fwd+bwd FLOPs (`routefx.flops.count_flops` on both models: model
+    FLOPs, attention included), TREAD.md section 6's estimate of the ratio, and the ops with
+    compute that no formula counted (`uncounted`, name -> calls).
     """
     model.train()
     probe = apply(model, [], example_inputs=(args, kwargs), **apply_kw)
     rg0 = probe._graphs[0][1]
     routes = list(routes) if routes else [paper_route(len(rg0.chain))]
-    fwd_dense, per_module = _flops(lambda: model(*args, **kwargs))
-    step_dense = _flops(_step(model, args, kwargs))[0]
+    fwd, step = count_flops(lambda: model(*args, **kwargs)), count_flops(_step(model, args, kwargs))
     model.zero_grad(set_to_none=True)
-    prefix = type(model).__name__ + "."
+    prefix, per_module = type(model).__name__ + ".", fwd.per_module
+    dense = {"fwd_flops": fwd.total, "step_flops": step.total, "dim": _dim(rg0.streams)}
     report = {
         "model": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -140,27 +136,37 @@ def inspect_model(model: nn.Module, args: tuple, kwargs: dict, routes=None, chec
         "other_chains": rg0.chain.alternatives,
         "tokens": {"num_tokens": rg0.streams.num_tokens, "prefix": rg0.streams.protect,
                    "batch": rg0.streams.batch, "stream": rg0.streams.primary.name},
-        "dense": {"fwd_flops": fwd_dense, "step_flops": step_dense},
-        "routes": [_route_report(model, args, kwargs, r, fwd_dense, step_dense, apply_kw) for r in routes],
+        "dense": dense,
+        "routes": [_route_report(model, args, kwargs, r, dense, apply_kw) for r in routes],
     }
+    report["uncounted"] = step.uncounted  # the routed steps run the same ops (on fewer tokens)
     if check:
         report["check"] = _check(model, args, kwargs, routes, apply_kw)
     return report
 
 
-def _route_report(model, args, kwargs, route, fwd_dense, step_dense, apply_kw) -> dict:
+def _dim(streams):
+    """Hidden size of the token stream at block 0, or None if the capture did not record it."""
+    spec = streams.primary.meta.get("routefx", {}).get("spec")
+    return spec.shape[-1] if getattr(spec, "shape", None) else None
+
+
+def _route_report(model, args, kwargs, route, dense, apply_kw) -> dict:
     routed = apply(model, [route], example_inputs=(args, kwargs), **apply_kw)
-    plan = routed._graphs[0][1].plans[0]
+    rg = routed._graphs[0][1]
+    plan = rg.plans[0]
     routed.train()
-    fwd = _flops(lambda: routed(*args, **kwargs))[0]
-    step = _flops(_step(routed, args, kwargs))[0]
+    fwd, step = count_flops(lambda: routed(*args, **kwargs)), count_flops(_step(routed, args, kwargs))
     model.zero_grad(set_to_none=True)
     r = plan.route
+    estimate = None if dense["dim"] is None else tread_flop_ratio(
+        len(rg.chain), [r], plan.num_tokens, dense["dim"], protect=plan.protect)
     return {"route": [r.start, r.end, r.ratio], "blocks": plan.blocks, "num_tokens": plan.num_tokens,
             "protect": plan.protect, "kept_tokens": plan.num_kept,
             "gathered": plan.gathered, "scattered": plan.scattered, "passed": plan.passed,
-            "fwd_flops": fwd, "step_flops": step, "fwd_ratio": fwd / fwd_dense,
-            "step_ratio": step / step_dense, "predicted_step_time_ratio": step / step_dense}
+            "fwd_flops": fwd.total, "step_flops": step.total, "fwd_ratio": fwd.total / dense["fwd_flops"],
+            "step_ratio": step.total / dense["step_flops"], "estimated_ratio": estimate,
+            "predicted_step_time_ratio": step.total / dense["step_flops"]}
 
 
 def _check(model, args, kwargs, routes, apply_kw) -> dict:
@@ -200,7 +206,9 @@ def format_report(rep: dict) -> str:
     lines += [f"  [{b['index']:>2}] {b['module']:<28} {_g(b['fwd_flops'])}" for b in rep["chain"]]
     for alt in rep["other_chains"][:3]:
         lines.append(f"  (also seen: {len(alt)} x {alt[0]}...)")
-    lines.append(f"dense: forward {_g(rep['dense']['fwd_flops'])}, fwd+bwd {_g(rep['dense']['step_flops'])}")
+    lines.append(f"dense: forward {_g(rep['dense']['fwd_flops'])}, fwd+bwd {_g(rep['dense']['step_flops'])} "
+                 f"(model FLOPs, attention included; routefx.flops)")
+    lines.append(f"  {uncounted_line(rep['uncounted'])}")
     for r in rep["routes"]:
         s, e, ratio = r["route"]
         lines.append(f"route ({s}, {e}, {ratio}): blocks {r['blocks'][0]}..{r['blocks'][-1]} see "
@@ -208,7 +216,8 @@ def format_report(rep: dict) -> str:
         lines += [f"  gathered  {g['tensor']} {tuple(g['shape'])} ({g['kind']}) -> {g['into']}" for g in r["gathered"]]
         lines += [f"  scattered {c['tensor']} -> into {c['base']} {tuple(c['shape'])}" for c in r["scattered"]]
         lines += [f"  untouched {p['tensor']} {tuple(p['shape'])}" for p in r["passed"]]
-        lines.append(f"  FLOPs routed/dense: forward {r['fwd_ratio']:.3f}, fwd+bwd {r['step_ratio']:.3f} "
+        est = "" if r["estimated_ratio"] is None else f" (TREAD.md section 6 estimate {r['estimated_ratio']:.3f})"
+        lines.append(f"  FLOPs routed/dense: forward {r['fwd_ratio']:.3f}, fwd+bwd {r['step_ratio']:.3f}{est} "
                      f"-> predicted step time x{r['predicted_step_time_ratio']:.2f}")
     if "check" in rep:
         lines.append(f"check: {rep['check']}")

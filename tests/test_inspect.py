@@ -71,10 +71,12 @@ def test_cli_on_dit_registry_file():
     (route,) = rep["routes"]
     assert route["gathered"][0]["tensor"] == "blocks_0" and route["scattered"][0]["base"] == "blocks_0"
     assert 0.3 < route["fwd_ratio"] < 1
-    for key in ("model", "parameters", "capture", "chain", "other_chains", "tokens", "dense", "routes"):
+    for key in ("model", "parameters", "capture", "chain", "other_chains", "tokens", "dense", "routes", "uncounted"):
         assert key in rep
+    assert rep["uncounted"] == {} and rep["dense"]["dim"] == 64
+    assert abs(route["fwd_ratio"] - route["estimated_ratio"]) < 0.03  # 16 tokens: the head and embeddings weigh
     for key in ("route", "blocks", "kept_tokens", "gathered", "scattered", "passed", "fwd_flops",
-                "step_flops", "fwd_ratio", "step_ratio", "predicted_step_time_ratio"):
+                "step_flops", "fwd_ratio", "step_ratio", "estimated_ratio", "predicted_step_time_ratio"):
         assert key in route
 
 
@@ -84,6 +86,7 @@ def test_cli_text_on_uvit_with_graph(tmp_path, path, factory):
     r = run_cli(path, "--factory", factory, "--graph", str(out), "--check")
     assert r.returncode == 0, r.stderr
     assert "block chain (7 blocks" in r.stdout and "2 protected prefix" in r.stdout
+    assert "all ops with compute counted" in r.stdout and "TREAD.md section 6 estimate" in r.stdout
     assert "'eval_equals_original': True" in r.stdout
     assert out.stat().st_size > 1000
 
