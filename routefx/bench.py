@@ -14,9 +14,10 @@ graphs (per token count and input layout): the same kernels inside the blocks at
 compile time, with the few ops between blocks (embedding, gathers, scatters, final layer) eager.
 
 A step is forward + MSE loss + backward + ``AdamW.step``. The report gives median / min step
-times, routed/dense and routefx/hand ratios, the FLOP ratio counted by
-``torch.utils.flop_counter.FlopCounterMode`` over one fwd+bwd, efficiency (time speedup over FLOP
-speedup), peak memory per arm, the time of ``routefx.apply`` and the eval-mode forward ratio.
+times, routed/dense and routefx/hand ratios, the FLOP ratio counted by ``routefx.flops.count_flops``
+over one fwd+bwd (model FLOPs, attention included on every device), TREAD.md section 6's estimate
+of it, efficiency (time speedup over FLOP speedup), peak memory per arm, the time of
+``routefx.apply`` and the eval-mode forward ratio.
 
     python -m routefx.bench --backbone DiT-B/2 --input-size 32 --routes 2,8,0.5 --batch 16
 
@@ -41,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
-from torch.utils.flop_counter import FlopCounterMode
 
 import routefx
 from routefx.backbones import create, example_inputs, names
 from routefx.backbones.dit import DiT
+from routefx.flops import count_flops, tread_flop_ratio, uncounted_line
 from routefx.route import resolve_routes
 
-__all__ = ["main", "run", "parse_args", "default_routes", "HandTread", "format_table"]
+__all__ = ["main", "run", "parse_args", "default_routes", "HandTread", "format_table", "arm_flops",
+           "flop_ratio_estimate", "linear_flop_ratio"]
 
 ARMS = ("dense", "routefx", "hand")
 MODES = ("eager", "compiled", "regional")
@@ -130,9 +132,10 @@ def _create(name: str, input_size, device) -> nn.Module:
 
 
 def _chain(model, inputs) -> tuple:
-    """(names of the blocks in the chain, tokens N) as routefx sees them, from a ratio-0 capture."""
+    """(block names, tokens N, prefix, hidden size) as routefx sees them, from a ratio-0 capture."""
     rg = routefx.apply(model, [(0, 0, 0.0)], example_inputs=inputs)._graphs[0][1]
-    return list(rg.chain.names), rg.plans[0].num_tokens
+    dim = rg.streams.primary.meta["routefx"]["spec"].shape[-1]  # the token stream at block 0
+    return list(rg.chain.names), rg.streams.num_tokens, rg.streams.protect, dim
 
 
 def _sync(device):
@@ -225,15 +228,16 @@ def time_rounds(arms: dict, fn, rounds: int, device) -> dict:
     return times
 
 
-def count_flops(arm, inputs, amp) -> int:
-    """FLOPs of one forward + backward of `arm` (FlopCounterMode, blocks run eagerly; gradients discarded)."""
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+def arm_flops(arm, inputs, amp):
+    """`FlopCount` of one forward + backward of `arm` (`routefx.flops.count_flops`; gradients discarded)."""
+    def step():
         with amp:
             out = arm(*inputs)
         out.float().square().mean().backward()
+    counted = count_flops(step)
     for p in arm.parameters():
         p.grad = None
-    return counter.get_total_flops()
+    return counted
 
 
 def _status_kb(key: str) -> int:
@@ -316,8 +320,13 @@ def _ratios(arms: dict) -> dict:
     return out
 
 
-def flop_ratio_estimate(num_blocks: int, routes: list) -> float:
-    """TREAD.md section 6: blocks only, `(B - sum L * ratio) / B`."""
+def flop_ratio_estimate(num_blocks: int, routes: list, num_tokens: int, dim: int, protect: int = 0) -> float:
+    """TREAD.md section 6 with attention (`routefx.flops.tread_flop_ratio`): blocks only."""
+    return tread_flop_ratio(num_blocks, routes, num_tokens, dim, protect)
+
+
+def linear_flop_ratio(num_blocks: int, routes: list) -> float:
+    """TREAD.md section 6's rule of thumb, linear layers only: `(B - sum L * ratio) / B`."""
     return (num_blocks - sum((r.end - r.start + 1) * r.ratio for r in routes)) / num_blocks
 
 
@@ -353,7 +362,10 @@ def format_table(res: dict) -> str:
                      f"{a['median_ms'] / arms['dense']['median_ms']:>9.3f}x{a['flops'] / 1e9:>10.1f}"
                      f"{a['peak_mem_bytes'] / 2**20:>10.0f}")
     lines += [f"routefx/hand-written {_fmt(r['routefx_over_hand'], '.3f')}   FLOP ratio routed/dense "
-              f"{r['flop_ratio']:.3f} (section-6 estimate {res['flop_ratio_estimate']:.3f})",
+              f"{r['flop_ratio']:.3f} (section-6 estimate {res['flop_ratio_estimate']:.3f} with attention, "
+              f"{res['flop_ratio_estimate_linear']:.3f} linear layers only)",
+              f"FLOPs: model FLOPs, attention included (routefx.flops); "
+              f"{uncounted_line(arms['dense']['flops_uncounted'])}",
               f"efficiency (time speedup / FLOP speedup): routefx {r['efficiency']:.3f}, "
               f"hand {_fmt(r['hand_efficiency'], '.3f', '')}",
               f"apply(): {res['apply_s']:.2f} s   eval forward: dense {res['eval']['dense_ms']:.1f} ms, "
@@ -373,9 +385,11 @@ def _setup(args) -> tuple:
     model = _create(args.backbone, args.input_size, args.device).train()
     batch = args.batch or (32 if torch.device(args.device).type == "cuda" else 16)
     inputs = example_inputs(model, batch)
-    blocks, tokens = _chain(model, inputs)
+    blocks, tokens, protect, dim = _chain(model, inputs)
     routes = resolve_routes(args.routes or default_routes(len(blocks)), len(blocks))
-    return model, batch, inputs, blocks, tokens, routes
+    estimate = {"flop_ratio_estimate": flop_ratio_estimate(len(blocks), routes, tokens, dim, protect),
+                "flop_ratio_estimate_linear": linear_flop_ratio(len(blocks), routes)}
+    return model, batch, inputs, blocks, tokens, routes, estimate
 
 
 def _fused(device) -> bool:
@@ -395,14 +409,15 @@ def _measure_arms(arms, eager, model, inputs, args) -> dict:
     for k in times:
         out[k] = _arm_summary(times[k], args.warmup)
         out[k]["peak_mem_bytes"], method = peak_memory(lambda: step(arms[k]), args.device)
-        out[k]["flops"] = count_flops(eager[k], inputs, amp)
+        counted = arm_flops(eager[k], inputs, amp)
+        out[k]["flops"], out[k]["flops_uncounted"] = counted.total, counted.uncounted
     return out, method
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark for parsed `args`; returns the result dict (see `main`)."""
     env = _env(args.device)  # load average before the run
-    model, batch, inputs, blocks, tokens, routes = _setup(args)
+    model, batch, inputs, blocks, tokens, routes, estimate = _setup(args)
     routed, apply_s = _time_apply(model, routes, inputs, args.device)
     eager = _arms(model, routed, routes)
     arms = _arms(model, routed, routes, args.mode, blocks)
@@ -414,7 +429,7 @@ def run(args: argparse.Namespace) -> dict:
                   optimizer="AdamW, fused" if _fused(args.device) else "AdamW")
     return {"config": config, "env": env, "blocks": len(blocks), "tokens": tokens,
             "arms": measured, "ratios": _ratios(measured), "apply_s": apply_s,
-            "flop_ratio_estimate": flop_ratio_estimate(len(blocks), routes),
+            **estimate,
             "compiled_graphs": counters["stats"]["unique_graphs"] - graphs,
             "eval": _eval_forward(model, routed, inputs, _amp(args.device, args.dtype), args.steps,
                                   args.device, args.mode),
@@ -449,9 +464,10 @@ def main(argv=None):
         argv: command-line arguments (default: `sys.argv[1:]`); see `--help`.
     Returns:
         The result dict (a list of them for several runs): `config`, `env`, `blocks`, `tokens`, `arms`
-        (per arm: `median_ms`, `min_ms`, `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`; `hand` is
-        None off the DiT family), `ratios`, `flop_ratio_estimate`, `apply_s`, `compiled_graphs` (dynamo's
-        unique graphs for the timed steps), `eval`, `memory_method`.
+        (per arm: `median_ms`, `min_ms`, `times_ms`, `warmup_ms`, `peak_mem_bytes`, `flops`,
+        `flops_uncounted`; `hand` is None off the DiT family), `ratios`, `flop_ratio_estimate` (TREAD.md
+        section 6 with attention), `flop_ratio_estimate_linear` (linear layers only), `apply_s`,
+        `compiled_graphs` (dynamo's unique graphs for the timed steps), `eval`, `memory_method`.
 
     Example:
         >>> res = main(["--backbone", "DiT-T/2", "--input-size", "8", "--batch", "2",

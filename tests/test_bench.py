@@ -12,7 +12,7 @@ import torch
 
 from routefx import bench
 
-ARM_FIELDS = ("median_ms", "min_ms", "times_ms", "warmup_ms", "peak_mem_bytes", "flops")
+ARM_FIELDS = ("median_ms", "min_ms", "times_ms", "warmup_ms", "peak_mem_bytes", "flops", "flops_uncounted")
 RATIOS = ("routefx_over_dense", "hand_over_dense", "routefx_over_hand", "flop_ratio", "efficiency",
           "hand_efficiency")
 
@@ -32,7 +32,7 @@ def result(tmp_path_factory):
 def test_json_has_every_field(result):
     returned, res = result
     assert set(res) == {"config", "env", "blocks", "tokens", "arms", "ratios", "flop_ratio_estimate",
-                        "apply_s", "compiled_graphs", "eval", "memory_method"}
+                        "flop_ratio_estimate_linear", "apply_s", "compiled_graphs", "eval", "memory_method"}
     assert res["config"]["routes"] == [[2, 2, 0.5]]  # the paper rule for 6 blocks
     assert {"torch", "device_name", "cpu_count", "threads"} <= set(res["env"])
     assert (res["blocks"], res["tokens"]) == (6, 16)
@@ -41,7 +41,7 @@ def test_json_has_every_field(result):
         assert set(ARM_FIELDS) <= set(a), arm
         assert len(a["times_ms"]) == 2 and len(a["warmup_ms"]) == 1
         assert all(_positive(a[k]) for k in ("median_ms", "min_ms", "flops")), arm
-        assert a["peak_mem_bytes"] >= 0
+        assert a["peak_mem_bytes"] >= 0 and a["flops_uncounted"] == {}
     assert returned["ratios"] == res["ratios"]
 
 
@@ -53,6 +53,22 @@ def test_ratios_are_positive_and_finite(result):
               res["eval"]["dense_ms"], res["eval"]["routefx_ms"]):
         assert _positive(v)
     assert res["ratios"]["flop_ratio"] < 1  # routing removed work the counter saw
+    # TREAD.md section 6 with attention, blocks only (embeddings and head are ~1% here)
+    assert abs(res["ratios"]["flop_ratio"] - res["flop_ratio_estimate"]) < 0.01
+
+
+def test_flops_include_attention_on_cpu():
+    # DiT-T/2 at 1024 tokens (d=64): attention is 4N / (24d + 4N) = 73% of the block FLOPs, and
+    # FlopCounterMode alone counted none of it on a CPU
+    torch.manual_seed(0)
+    model = bench._create("DiT-T/2", 64, "cpu")
+    inputs = bench.example_inputs(model, 1)
+    counted = bench.arm_flops(model, inputs, bench._amp("cpu", "float32"))
+    attention = sum(v for k, v in counted.by_op.items() if "attention" in k)
+    assert abs(attention / counted.total - 4096 / (24 * 64 + 4096)) < 0.01 and counted.uncounted == {}
+    assert all(p.grad is None for p in model.parameters())
+    routes = bench.resolve_routes([(2, 4, 0.5)], 6)
+    assert bench.flop_ratio_estimate(6, routes, 1024, 64) < bench.linear_flop_ratio(6, routes) - 0.05
 
 
 def test_no_hand_arm_off_the_dit_family(tmp_path):
