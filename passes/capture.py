@@ -15,8 +15,10 @@ needs real values raises `_LeafNeedsRealValues` and the caller captures again wi
 """
 import contextlib
 import dataclasses
+import dis
 import inspect
 import math
+import operator
 import os
 import traceback
 from typing import Any, Callable
@@ -25,12 +27,12 @@ import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                           FakeTensorMode, UnsupportedOperatorException)
+                                           FakeTensor, FakeTensorMode, UnsupportedOperatorException)
 from torch.fx.proxy import Attribute
 
 from routefx._tree import TensorSlot, flatten
 from routefx.errors import INSPECT_HINT, CaptureError
-from routefx.ops import check_guard
+from routefx.ops import check_assert, check_guard, setitem
 
 __all__ = ["Captured", "capture", "TensorSpec", "user_frame"]
 
@@ -72,25 +74,52 @@ class Captured:
     leaves: set
     example: list  # the tensor inputs the values were computed from (fake tensors in fake mode)
     mode: Any = None  # the FakeTensorMode values live in, or None for real values
+    batch_baked: bool = False  # a guard reads the batch size: the graph is valid for this batch only
 
 
 def user_frame(tb=None) -> str:
     """`file:line in fn: code` of the innermost frame outside torch and routefx internals."""
     frames = traceback.extract_tb(tb) if tb is not None else traceback.extract_stack()
     for fr in reversed(frames):
-        path = os.path.abspath(fr.filename)
-        internal = path.startswith(_INTERNAL) or any(
-            path.startswith(os.path.join(d, sub)) for d in _OUR_DIRS for sub in ("routefx", "passes"))
-        if not internal:
+        if not _internal(fr.filename):
             return f"{fr.filename}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`"
     return "<unknown location>"
 
 
+def _internal(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_INTERNAL) or any(
+        path.startswith(os.path.join(d, sub)) for d in _OUR_DIRS for sub in ("routefx", "passes"))
+
+
+# tensor metadata that is fixed for a capture (the input signature holds dtype and device): read
+# off the shadow value as a Python constant, so `x.device.type` is a str and `x.dtype` a dtype
+_METADATA = ("device", "dtype", "layout", "is_cuda", "is_cpu", "is_meta", "ndim")
+
+
 class ShadowProxy(fx.Proxy):
-    """A proxy that can answer `len`, `int`, `float`, `bool` from its concrete shadow value."""
+    """A proxy that can answer `len`, `int`, `float`, `bool`, `index`, `round` from its concrete
+    shadow value (each answer becomes a run-time guard)."""
 
     def __getattr__(self, k: str):
+        if k in _METADATA:
+            value = self.tracer.value_of(self)
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
         return ShadowAttribute(self, k)
+
+    def __index__(self):  # slice bounds, range(), [0] * n, sizes of non-traced tensors
+        return self.tracer.concretize(self, "int")
+
+    def __round__(self, ndigits=None):
+        value = self.tracer.concretize(self, "float")
+        return round(value) if ndigits is None else round(value, ndigits)
+
+    def __setitem__(self, key, value):
+        """`x[key] = value` (in place) is recorded out of place, and this proxy then stands for the
+        result: later reads of `x` see the assignment, and the dataflow shows where values came from."""
+        out = self.tracer.create_proxy("call_function", setitem, (self, key, value), {})
+        self.node = out.node
 
     def __len__(self):
         return self.tracer.concretize(self, "len")
@@ -127,6 +156,7 @@ class ShadowTracer(fx.Tracer):
         self.leaves, self.mode = leaves, mode
         self.values: dict = {}
         self.guards: list = []
+        self.folded: list = []  # (node, value): `.tolist()` / `.item()` of values fixed by shapes
         self._inputs: list = []
 
     # -- fx hooks ------------------------------------------------------------------------
@@ -137,12 +167,18 @@ class ShadowTracer(fx.Tracer):
         return ShadowProxy(node, self)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind == "call_function" and target is torch._assert:  # a check on values: kept, fake-safe
+            target, args = check_assert, (args[0], f"{user_frame()} ({args[1] if len(args) > 1 else ''})")
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind not in ("placeholder", "output"):  # every node, get_attr of buffers included
-            self.values[node] = self._run(kind, target, args, kwargs)
+            self.values[node] = self._run(node, kind, target, args, kwargs)
         return node
 
     def to_bool(self, obj):
+        if _in_assert() and _reads_data(obj.node):
+            # `assert <tensor values>`: no Python constant can stand for it; check it at run time
+            self.create_proxy("call_function", check_assert, (obj, user_frame()), {})
+            return True
         return self.concretize(obj, "bool")
 
     def iter(self, obj):
@@ -169,16 +205,22 @@ class ShadowTracer(fx.Tracer):
             return getattr(self.value_of(p.root), p.attr)
         return self.values[p.node]
 
-    def _run(self, kind, target, args, kwargs):
+    def _run(self, node, kind, target, args, kwargs):
+        if kind == "call_method" and target in ("item", "tolist"):
+            if _reads_data(args[0]):  # real values would bake one step's data into the graph
+                raise DataDependentOutputException(f"Tensor.{target}() of values computed from the inputs")
+            # computed from shapes and constants only: a constant of this capture, guarded
+            value = getattr(self.real_value(args[0]), target)()
+            self.folded.append((node, value))
+            self.guards.append((args[0], target, value, user_frame()))
+            return value
+        if kind == "call_function" and target is check_assert and _is_fake(self.values.get(args[0])):
+            return None
         cargs, ckwargs = fx.node.map_arg((args, kwargs), lambda n: self.values[n])
         with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad(), self.mode or contextlib.nullcontext():
             if kind == "call_function":
                 return target(*cargs, **ckwargs)
             if kind == "call_method":
-                if target in ("item", "tolist") and self.mode is None and _reads_inputs(args[0]):
-                    # real values would turn this into a guard; refuse it as fake tensors do
-                    raise DataDependentOutputException(f"Tensor.{target}() of values computed from "
-                                                       f"the inputs")
                 return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
             if kind == "call_module":  # a leaf: opaque, its code may branch on data
                 try:
@@ -192,9 +234,26 @@ class ShadowTracer(fx.Tracer):
                 return _fetch_attr(self.root, target)
         return None
 
+    def real_value(self, node):
+        """The real value of a node computed from shapes, constants and parameters only (never
+        from the inputs' values): fake tensors are recomputed with real ones."""
+        value = self.values.get(node)
+        if node.op == "placeholder" or not any(_is_fake(v) for v in _tensors_in(value)):
+            return value  # already real: ints, shapes, parameters, a real-value capture
+        cargs, ckwargs = fx.node.map_arg((node.args, node.kwargs), self.real_value)
+        with _maybe_revert_all_patches(), _not_tracing(), torch.no_grad():
+            if node.op == "call_function":
+                return node.target(*cargs, **ckwargs)
+            if node.op == "call_method":
+                return getattr(cargs[0], node.target)(*cargs[1:], **ckwargs)
+            return self.root.get_submodule(node.target)(*cargs, **ckwargs)
+
     def concretize(self, proxy, kind):
         value = self.value_of(proxy)
         where = user_frame()
+        if isinstance(value, torch.Tensor) and kind != "len" and proxy.node is not None \
+                and not _reads_data(proxy.node):
+            value = self.real_value(proxy.node)  # e.g. `if torch.tensor(h) > 3`: shapes only
         if isinstance(value, torch.Tensor) and kind != "len":
             raise CaptureError(
                 f"Data-dependent control flow at {where}: Python needs a concrete {kind} of a tensor's "
@@ -226,8 +285,18 @@ def _not_tracing():
         put(prev)
 
 
-def _reads_inputs(node) -> bool:
-    """Whether the value of `node` is computed from the graph's inputs (a placeholder)."""
+_SHAPE_METHODS = ("size", "dim", "numel", "nelement", "stride")
+
+
+def _is_metadata_read(node) -> bool:
+    """`x.shape`, `x.size()`, `x.dim()`, ...: reads metadata of `x`, not its values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or \
+        (node.op == "call_method" and node.target in _SHAPE_METHODS)
+
+
+def _reads_data(node) -> bool:
+    """Whether the value of `node` depends on the VALUES of a graph input (a placeholder);
+    shape reads are metadata, not dataflow."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
@@ -235,7 +304,64 @@ def _reads_inputs(node) -> bool:
             if n.op == "placeholder":
                 return True
             seen.add(n)
-            todo += n.all_input_nodes
+            if not _is_metadata_read(n):
+                todo += n.all_input_nodes
+    return False
+
+
+def _reads_batch(node, kind, values) -> bool:
+    """Whether a guarded value is computed from dim 0 (the batch size) of an input-derived tensor
+    (`[0] * x.shape[0]`, `len(x)`, a whole `x.shape`): then the graph holds for that batch only."""
+    if kind == "len":  # len(x) of a tensor is its batch size; len(x.shape) is its fixed ndim
+        return isinstance(values.get(node), torch.Tensor) and _reads_data(node)
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is operator.getitem and _is_shape(n.args[0]):
+            i = n.args[1]
+            if (i == 0 or isinstance(i, slice) and i.start in (None, 0)) and _reads_data(n.args[0].args[0]):
+                return True
+            continue
+        if _is_shape(n) or n.op == "call_method" and n.target == "size":
+            if (n.op != "call_method" or len(n.args) == 1 or n.args[1] == 0) and _reads_data(n.args[0]):
+                return True
+            continue
+        todo += n.all_input_nodes
+    return False
+
+
+def _is_shape(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr \
+        and node.args[1] == "shape"
+
+
+def _is_fake(value) -> bool:
+    return isinstance(value, FakeTensor)
+
+
+def _tensors_in(value) -> list:
+    return [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, torch.Tensor)]
+
+
+def _in_assert() -> bool:
+    """Whether the innermost user frame is evaluating the condition of an `assert` statement
+    (bytecode: a jump-if-true whose fall-through raises AssertionError)."""
+    frame = inspect.currentframe()
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    insts = list(dis.get_instructions(frame.f_code))
+    cur = next((i for i, ins in enumerate(insts) if ins.offset == frame.f_lasti), None)
+    if cur is None:
+        return False
+    for ins in insts[cur: cur + 3]:  # TO_BOOL (3.13+), the jump, then the raise
+        if "JUMP" in ins.opname and "TRUE" in ins.opname:
+            nxt = insts[insts.index(ins) + 1]
+            return nxt.opname == "LOAD_ASSERTION_ERROR" or (nxt.opname == "LOAD_GLOBAL" and nxt.argval == "AssertionError")
     return False
 
 
@@ -244,6 +370,18 @@ def _fetch_attr(root, target: str):
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
+
+
+# factories whose sizes or data may be traced values (`torch.ones(b, n)`, `torch.tensor([h, w])`):
+# torch's argument parser rejects proxies there instead of dispatching them to fx
+_FACTORIES = ("tensor", "ones", "zeros", "empty", "full", "arange", "linspace", "logspace", "rand",
+              "randn", "randint", "randperm", "eye", "tril_indices", "triu_indices")
+
+
+def _wrapped_functions():
+    """Library functions recorded as graph nodes when a proxy is anywhere in their arguments:
+    torch's factories and einops' functions (they call methods fx cannot trace)."""
+    return [(torch, n) for n in _FACTORIES] + _einops_functions()
 
 
 def _einops_functions():
@@ -297,7 +435,7 @@ def input_skeleton(args, kwargs, keep_batch: bool = False):
     """Hashable-ish description of a call: structure, constants, tensor ndim/dtype/shape."""
     def slot(t):
         shape = tuple(t.shape) if keep_batch else tuple(t.shape[1:])
-        return TensorSlot(t.dim(), t.dtype, shape)
+        return TensorSlot(t.dim(), t.dtype, shape, t.device)
     return flatten((args, kwargs), slot=slot)[1]
 
 
@@ -330,7 +468,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
         return a, kw
     tracer._rebuild_inputs = rebuild
     try:
-        with _wrap_module_functions(tracer, _einops_functions()), torch.enable_grad():
+        with _wrap_module_functions(tracer, _wrapped_functions()), torch.enable_grad():
             graph = tracer.trace(model)
     except (CaptureError, _LeafNeedsRealValues):
         raise
@@ -343,9 +481,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Captured")
     for node in gm.graph.nodes:
         node.meta.setdefault("routefx", {})["spec"] = _spec(tracer.values.get(node))
+    _fold(gm.graph, tracer.folded)
+    folded = {n for n, _ in tracer.folded}  # their own guards (`a, b = t.tolist()`) are constants now
+    tracer.guards = [g for g in tracer.guards if g[0] not in folded]
     _insert_guards(gm.graph, tracer.guards)
-    return Captured(gm, tracer.rebuild_output, input_skeleton(args, kwargs, keep_batch),
-                    tracer.values, tracer.guards, leaves, tensors, mode)
+    baked = any(_reads_batch(node, kind, tracer.values) for node, kind, _, _ in tracer.guards)
+    return Captured(gm, tracer.rebuild_output, input_skeleton(args, kwargs, keep_batch or baked),
+                    tracer.values, tracer.guards, leaves, tensors, mode, baked)
 
 
 def _capture_fix(scope: str) -> str:
@@ -356,6 +498,14 @@ def _capture_fix(scope: str) -> str:
                 f"or name the block modules explicitly with blocks=[...]. ({hint})")
     return (f"Fix: this line is in the model's own forward; move it into a submodule and list that in "
             f"leaf_modules=[...], or make the value a Python constant (e.g. from the config). ({hint})")
+
+
+def _fold(graph: fx.Graph, folded: list) -> None:
+    """Uses of a folded `.tolist()` / `.item()` read its traced value (a guard re-checks it)."""
+    for node, value in folded:
+        for user in list(node.users):
+            user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda n: value if n is node else n)
+        graph.erase_node(node)
 
 
 def _insert_guards(graph: fx.Graph, guards: list) -> None:

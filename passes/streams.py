@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from routefx.errors import INSPECT_HINT, GuardError, RouteError
-from routefx.ops import gather_table, gather_tokens, select_tokens
+from routefx.ops import gather_table, gather_tokens, select_tokens, setitem
 from .find_blocks import dataflow_graph
 
 __all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "PER_SAMPLE_TABLES"]
@@ -99,9 +99,33 @@ def token_kind(node: fx.Node, streams: Streams) -> str:
     return "pass"
 
 
+def _value(a, values):
+    return values[a] if isinstance(a, fx.Node) else a
+
+
+def _assigned_span(node, values):
+    """(start, stop) along dim 1 of `setitem(x, (:, start:stop), v)`, or None."""
+    key = node.args[1]
+    if not (isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) and isinstance(key[1], slice)):
+        return None
+    n = values[node].shape[1]
+    start, stop, _ = slice(_value(key[1].start, values), _value(key[1].stop, values)).indices(n)
+    return start, stop
+
+
 def _detect_prefix(primary, from_src, values) -> int:
     prefix, node = 0, primary
     while node.op != "placeholder":
+        if node.op == "call_function" and node.target is setitem and node.args[2] in from_src:
+            span = _assigned_span(node, values)  # seq[:, a:b] = image tokens into a preallocated sequence
+            if span is not None:
+                if span[1] < values[node].shape[1]:
+                    raise RouteError(f"Tokens are placed AFTER the image tokens at {node.format_node()}; "
+                                     f"routefx protects prefix tokens only. Pass protect=<prefix count> "
+                                     f"and put extra tokens in front. {INSPECT_HINT}")
+                prefix += span[0]
+                node = node.args[2]
+                continue
         if node.op == "call_function" and node.target in _CATS:
             parts = list(node.args[0])
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -9,11 +9,13 @@ __all__ = ["flatten", "TensorSlot"]
 
 @dataclasses.dataclass(frozen=True)
 class TensorSlot:
-    """Stands for a tensor leaf inside a skeleton; `shape` without the batch dim unless kept."""
+    """Stands for a tensor leaf inside a skeleton; `shape` without the batch dim unless kept; the
+    device, because a capture reads `x.device` as a constant."""
 
     ndim: int
     dtype: torch.dtype
     shape: tuple = ()
+    device: torch.device = None
 
 
 def _is_leaf(x: Any) -> bool:
@@ -57,7 +59,14 @@ def flatten(obj: Any, is_leaf: Callable[[Any], bool] = _is_leaf, slot=None):
 
 
 def _rebuild_dict(orig: dict, keys: list, values: list) -> dict:
+    """A dict of `orig`'s type; one that is also a dataclass (diffusers' `BaseOutput`, an
+    `OrderedDict` dataclass holding its non-None fields) is built from its fields by keyword."""
+    items = dict(zip(keys, values))
+    if dataclasses.is_dataclass(orig):
+        names = {f.name for f in dataclasses.fields(orig) if f.init}
+        if set(keys) <= names:
+            return type(orig)(**items)
     try:
-        return type(orig)(zip(keys, values))
+        return type(orig)(items)
     except TypeError:
-        return dict(zip(keys, values))
+        return items

@@ -126,7 +126,7 @@ class RoutedModule(nn.Module):
         """(graph, tensor inputs); an eager call keyed like the last one skips `graph_for`'s full key."""
         key = None
         if not torch.compiler.is_compiling():  # dynamo must not store traced shapes in `_fast`
-            key, tensors = _fast_key(self._modules["module"].training, args, kwargs, self.options["keep_batch"])
+            key, tensors = _fast_key(self._modules["module"].training, args, kwargs, self._keep_batch())
         if key is None:
             return self.graph_for(args, kwargs), flatten((args, kwargs), is_leaf=_is_tensor)[0]
         if self._fast is None or self._fast[0] != key:
@@ -137,15 +137,26 @@ class RoutedModule(nn.Module):
         """The routed graph for this call's signature and mode, captured on first use."""
         # `_drops` makes dynamo guard on it: under torch.compile(routed), dropped graphs recompile
         key = (self.module.training, self._drops, input_skeleton(args, kwargs, self.options["keep_batch"]))
+        full = None  # with the batch size: the key of graphs valid for one batch size only
         for k, rg in self._graphs:
-            if _same(k, key):
+            if rg.batch_baked and not self.options["keep_batch"]:
+                full = full or (key[0], key[1], input_skeleton(args, kwargs, True))
+                if _same(k, full):
+                    return rg
+            elif _same(k, key):
                 return rg
         return self._capture(key, args, kwargs)
+
+    def _keep_batch(self) -> bool:
+        return self.options["keep_batch"] or any(rg.batch_baked for _, rg in self._graphs)
 
     @torch.compiler.disable
     def _capture(self, key, args, kwargs):
         """Build a routed graph (eager even inside torch.compile: dynamo must not trace a tracer)."""
         rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
+        if rg.batch_baked:  # the model's Python baked the batch size in: one graph per batch size
+            key = (key[0], key[1], input_skeleton(args, kwargs, True))
+            self._fast = None
         if self.compile_options is not None:
             rg.compiled = torch.compile(rg.gm, **self.compile_options)
         _install_hooks()

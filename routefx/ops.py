@@ -6,7 +6,7 @@ from torch.fx.node import has_side_effect
 from .errors import GuardError, RouteError
 
 __all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "gather_table", "scatter_tokens",
-           "check_guard"]
+           "check_guard", "check_assert", "setitem"]
 
 
 class RouteControl:
@@ -116,12 +116,16 @@ def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:
     return base.scatter(1, _token_index(ids, kept), kept)
 
 
-_CONVERT = {"int": int, "float": float, "bool": bool, "len": len}
+_CONVERT = {"int": int, "float": float, "bool": bool, "len": len, "tolist": lambda t: t.tolist(),
+            "item": lambda t: t.item()}
 
 
 @has_side_effect
 def check_guard(value, kind: str, expected, where: str):
-    """Fail loudly when a value that tracing turned into a Python constant changes."""
+    """Fail loudly when a value that tracing turned into a Python constant changes (fake tensors,
+    seen while routefx analyses the graph, have no values to check)."""
+    if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+        return value
     got = _CONVERT[kind](value)
     if got != expected:
         raise GuardError(f"{where}: traced with {kind}(...) = {expected!r}, now {got!r}. "
@@ -130,3 +134,26 @@ def check_guard(value, kind: str, expected, where: str):
                          f"with the batch size. Pass `static_batch=True` to routefx.apply to "
                          f"re-trace per batch size.")
     return value
+
+
+@has_side_effect
+def check_assert(cond, where: str):
+    """The model's `assert` / `torch._assert` on tensor values, kept as a run-time check (fake
+    tensors, seen while routefx analyses the graph, are not checked)."""
+    if not isinstance(cond, torch.Tensor):
+        if not cond:
+            raise AssertionError(f"the model's assertion failed at {where}")
+        return
+    if isinstance(cond, torch._subclasses.fake_tensor.FakeTensor):
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond.all(), f"the model's assertion failed at {where}")
+    elif not bool(cond.all()):
+        raise AssertionError(f"the model's assertion failed at {where}")
+
+
+def setitem(x: torch.Tensor, key, value) -> torch.Tensor:
+    """`x[key] = value` out of place (how capture records the model's in-place item assignment)."""
+    out = x.clone()
+    out[key] = value
+    return out

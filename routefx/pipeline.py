@@ -39,6 +39,7 @@ class RoutedGraph:
     guards: list
     seconds: float
     compiled: Any = None  # torch.compile(gm) when the routed module was asked to compile
+    batch_baked: bool = False  # valid for the traced batch size only (see capture.Captured)
 
 
 @contextlib.contextmanager
@@ -112,7 +113,7 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
         finally:
             control.generator = user_generator
     rg = RoutedGraph(cap.gm, cap.rebuild_output, chain, streams, plans, resolved, cap.guards,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, batch_baked=cap.batch_baked)
     log.info("routefx: captured %s (%d blocks, %d routes) in %.2fs", type(model).__name__,
              len(chain), len(plans), rg.seconds)
     return rg
