@@ -209,6 +209,8 @@ class ShadowTracer(fx.Tracer):
         if kind == "call_method" and target in ("item", "tolist"):
             if _reads_data(args[0]):  # real values would bake one step's data into the graph
                 raise DataDependentOutputException(f"Tensor.{target}() of values computed from the inputs")
+            if _reads_data(args[0], "get_attr"):  # a parameter or buffer: may change, read it live
+                return getattr(self.values[args[0]], target)()
             # computed from shapes and constants only: a constant of this capture, guarded
             value = getattr(self.real_value(args[0]), target)()
             self.folded.append((node, value))
@@ -294,14 +296,14 @@ def _is_metadata_read(node) -> bool:
         (node.op == "call_method" and node.target in _SHAPE_METHODS)
 
 
-def _reads_data(node) -> bool:
-    """Whether the value of `node` depends on the VALUES of a graph input (a placeholder);
-    shape reads are metadata, not dataflow."""
+def _reads_data(node, op: str = "placeholder") -> bool:
+    """Whether the value of `node` depends on the VALUES of a graph input (`op="get_attr"`: of a
+    parameter or buffer); shape reads are metadata, not dataflow."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
         if isinstance(n, fx.Node) and n not in seen:
-            if n.op == "placeholder":
+            if n.op == op:
                 return True
             seen.add(n)
             if not _is_metadata_read(n):
@@ -491,8 +493,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
 
 
 def _capture_fix(scope: str) -> str:
-    hint = ("routefx traces int()/float()/len()/if/assert on shapes, but not range() or Python "
-            "loops over a traced value, nor calls into libraries that need real tensors.")
+    hint = ("routefx traces Python over shapes (int(), len(), range(), slices, if/assert), but not "
+            "Python that needs tensor VALUES, nor calls into libraries that need real tensors.")
     if scope:
         return (f"Fix: keep that module out of the trace with routefx.apply(..., leaf_modules=['{scope}']), "
                 f"or name the block modules explicitly with blocks=[...]. ({hint})")
