@@ -376,8 +376,8 @@ def _fetch_attr(root, target: str):
 
 # factories whose sizes or data may be traced values (`torch.ones(b, n)`, `torch.tensor([h, w])`):
 # torch's argument parser rejects proxies there instead of dispatching them to fx
-_FACTORIES = ("tensor", "ones", "zeros", "empty", "full", "arange", "linspace", "logspace", "rand",
-              "randn", "randint", "randperm", "eye", "tril_indices", "triu_indices")
+_FACTORIES = ("tensor", "as_tensor", "asarray", "scalar_tensor", "ones", "zeros", "empty", "full", "arange",
+              "linspace", "logspace", "rand", "randn", "randint", "randperm", "eye", "tril_indices", "triu_indices")
 
 
 def _wrapped_functions():

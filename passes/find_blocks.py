@@ -5,9 +5,10 @@ Two steps around `capture`:
 * `block_candidates(model)` (before tracing) names the modules to keep as leaves: the outermost
   modules whose Python type occurs at least twice in the model and that hold parameters
   (structure, not class-name lists: a DiT's `DiTBlock`s, timm's `Block`s, mamba-ssm's `Block`s).
-* `find_chain(gm)` (needs `capture`) builds a networkx DiGraph over the fx dataflow, groups the
-  leaf calls by module type, splits each group into runs where every call is reachable from the
-  previous one, and picks the longest run. It marks `node.meta['routefx']['block'] = i`.
+* `find_chain(gm)` (needs `capture`) builds a networkx DiGraph over the fx dataflow and picks
+  the longest sequence of block calls on the image tokens' dataflow, each reachable from the
+  previous one, whatever their types (see `find_chain`). It marks
+  `node.meta['routefx']['block'] = i`.
 """
 import dataclasses
 from collections import Counter
@@ -47,7 +48,9 @@ def block_candidates(model: nn.Module) -> set:
     for name, m in named:  # named_modules is pre-order: parents come before children
         if counts[type(m)] >= 2 and not any(name.startswith(p + ".") for p in picked):
             picked.append(name)
-    return set(picked)
+    # a type repeated only inside blocks (an output norm whose twin sits in the last block) is no block
+    outer = Counter(type(model.get_submodule(n)) for n in picked)
+    return {n for n in picked if outer[type(model.get_submodule(n))] >= 2}
 
 
 def explicit_blocks(model: nn.Module, blocks) -> list:
@@ -68,13 +71,25 @@ def explicit_blocks(model: nn.Module, blocks) -> list:
     return out
 
 
-def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
-    """Directed graph with an edge u -> v for every input u of node v."""
+_METADATA_METHODS = ("size", "dim", "numel", "nelement", "stride")
+
+
+def _reads_metadata_of(v: fx.Node, u: fx.Node) -> bool:
+    """`v` reads only metadata of `u` (`u.shape`, `u.size()`, ...), not its values."""
+    if v.op == "call_function" and v.target is getattr and v.args[1] == "shape":
+        return True
+    return v.op == "call_method" and v.target in _METADATA_METHODS and v.args[0] is u
+
+
+def dataflow_graph(graph: fx.Graph, data_only: bool = False) -> nx.DiGraph:
+    """Directed graph with an edge u -> v for every input u of node v; `data_only` leaves out the
+    edges of shape reads (metadata is not dataflow: `torch.ones(x.shape[0])` does not carry `x`)."""
     g = nx.DiGraph()
     for node in graph.nodes:
         g.add_node(node)
         for u in node.all_input_nodes:
-            g.add_edge(u, node)
+            if not (data_only and _reads_metadata_of(node, u)):
+                g.add_edge(u, node)
     return g
 
 
@@ -88,10 +103,47 @@ def _runs(calls: list, g: nx.DiGraph) -> list:
     return runs
 
 
-def find_chain(gm: fx.GraphModule, leaves: set, explicit: list = None) -> Chain:
-    """Find the block chain among the leaf calls (or exactly the `explicit` module names)."""
+def _stack(node: fx.Node) -> str:
+    """The container a block call belongs to ('layers' for 'layers.3')."""
+    return node.target.rpartition(".")[0]
+
+
+def _longest(calls: list, below: dict) -> list:
+    """Longest sequence of calls, each fed (through dataflow) by the one before; earliest on ties."""
+    best = {}
+    for i, c in enumerate(calls):
+        prev = [p for p in calls[:i] if c in below[p]]
+        p = max(prev, key=lambda q: len(best[q]), default=None)
+        best[c] = (best[p] if p is not None else []) + [c]
+    return max(best.values(), key=len, default=[])
+
+
+def _without_refiners(chain: list, calls: list, below: dict) -> list:
+    """Drop leading stacks that run beside another stack before merging into the chain (a text
+    refiner beside an image refiner, then joint blocks): the chain starts where they merge."""
+    stacks = Counter(_stack(c) for c in calls)
+    for j in range(1, len(chain)):
+        if _stack(chain[j]) == _stack(chain[j - 1]):
+            continue
+        beside = [d for d in calls if d not in chain and stacks[_stack(d)] >= 2 and chain[j] in below[d]
+                  and chain[j - 1] not in below[d] and d not in below[chain[0]]]
+        if beside:
+            return chain[j:]
+    return chain
+
+
+def find_chain(gm: fx.GraphModule, candidates: set, explicit: list = None) -> Chain:
+    """Find the block chain among the calls of `candidates` (or exactly the `explicit` modules).
+
+    The chain is the longest sequence of block calls on the image tokens' dataflow (from the
+    model's first input; shape reads are not dataflow), each fed by the previous one, whatever
+    their types: dual-stream then single-stream blocks, alternating attention / MLP modules, or
+    U-ViT's in / mid / out blocks form one chain. Stacks that do not touch the image (a text
+    refiner, an embedder used twice) are not in it, nor is an image-side stack that runs beside
+    such a stack before both merge. The other readings are kept as `alternatives`.
+    """
     g = dataflow_graph(gm.graph)
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in (explicit or leaves)]
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in (explicit or candidates)]
     if explicit:
         missing = [b for b in explicit if b not in {n.target for n in calls}]
         if missing:
@@ -102,17 +154,24 @@ def find_chain(gm: fx.GraphModule, leaves: set, explicit: list = None) -> Chain:
             raise RouteError(f"blocks=: the blocks do not form one chain (no dataflow from "
                              f"'{runs[0][-1].target}' to '{runs[1][0].target}'). {INSPECT_HINT}")
         return _mark(Chain(calls, [n.target for n in calls], [], explicit=True))
+    data = dataflow_graph(gm.graph, data_only=True)
+    source = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    from_image = nx.descendants(data, source) if source is not None else set()
+    on_image = [c for c in calls if c in from_image] or calls
+    below = {c: nx.descendants(g, c) for c in calls}
+    longest = _longest(on_image, below)
+    best = _without_refiners(longest, calls, below)
+    if len(best) < 2:
+        raise RouteError("No block chain found: routefx looks for a sequence of at least two repeated "
+                         "modules, each fed by the previous one, on the image tokens' dataflow. Fix: name "
+                         "them with routefx.apply(..., blocks=['blocks.0', 'blocks.1', ...]) or "
+                         "blocks='blocks'. " + INSPECT_HINT)
     groups: dict = {}
     for n in calls:
         groups.setdefault(type(gm.get_submodule(n.target)), []).append(n)
-    runs = sorted((r for grp in groups.values() for r in _runs(grp, g)), key=len, reverse=True)
-    if not runs or len(runs[0]) < 2:
-        raise RouteError("No block chain found: routefx looks for a sequence of at least two modules of "
-                         "the same type, each fed by the previous one. Fix: name them with "
-                         "routefx.apply(..., blocks=['blocks.0', 'blocks.1', ...]) or blocks='blocks'. "
-                         + INSPECT_HINT)
-    best = runs[0]
-    return _mark(Chain(best, [n.target for n in best], [[n.target for n in r] for r in runs[1:]]))
+    others = [longest] if longest != best else []
+    others += sorted((r for grp in groups.values() for r in _runs(grp, g) if r != best), key=len, reverse=True)
+    return _mark(Chain(best, [n.target for n in best], [[n.target for n in r] for r in others]))
 
 
 def _mark(chain: Chain) -> Chain:

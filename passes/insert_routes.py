@@ -42,6 +42,7 @@ class RoutePlan:
     num_tokens: int
     protect: int
     num_kept: int
+    shared_indices: bool = False  # one index set for the whole batch instead of one per sample
     gathered: list = dataclasses.field(default_factory=list)   # dicts: tensor, shape, kind, into
     scattered: list = dataclasses.field(default_factory=list)  # dicts: tensor, shape, base
     passed: list = dataclasses.field(default_factory=list)     # dicts: tensor, shape
@@ -100,7 +101,7 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
     _refuse_guards(region, i, route)
     n = streams.num_tokens - streams.protect
     plan = RoutePlan(i, route, chain.names[route.start: route.end + 1], streams.num_tokens,
-                     streams.protect, streams.protect + route.num_kept(n))
+                     streams.protect, streams.protect + route.num_kept(n), shared_indices)
 
     entering = _entering(region, order, streams, plan)
     primary = next((u for u in flat_inputs(first) if u in entering and entering[u][0] == "token"), None)
@@ -113,10 +114,10 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
         u = tables[0]
         raise RouteError(f"Route {i}: the unbatched per-token table {_where(u)} of shape {_shape(u)} enters "
                          f"blocks {route.start}..{route.end}. Without a batch dim it can only follow ONE "
-                         f"index set for the whole batch, while TREAD draws one per sample. Pass "
-                         f"shared_indices=True to routefx.apply (--shared-indices in routefx.inspect) to accept that "
-                         f"(e.g. rotary tables), or give "
-                         f"the table a batch dim.")
+                         f"index set for the whole batch, while TREAD draws one per sample, and "
+                         f"shared_indices=False was passed. Leave shared_indices at its default (None: "
+                         f"one index set per batch where a table needs it) or pass shared_indices=True "
+                         f"(--shared-indices in routefx.inspect), or give the table a batch dim.")
     per_sample = [u for u, (kind, _) in entering.items() if kind in PER_SAMPLE_TABLES]
     if per_sample and not shared_indices and streams.per_sample_tables is not None:
         batch, err = streams.per_sample_tables

@@ -41,6 +41,8 @@ class Streams:
     input_derived: set       # nodes that depend on any model input
     failed_at: tuple = None  # (block index, exception) if a block cannot run on fewer tokens
     per_sample_tables: tuple = None  # (batch tried, exception) if (1, N, ...) tables fail per sample
+    shared: bool = False     # one index set per batch for every route (see `analyze_streams`)
+    shared_because: fx.Node = None  # the unbatched per-token table that made `shared` automatic
 
 
 def flat_inputs(node: fx.Node) -> list:
@@ -161,8 +163,13 @@ def _probe_count(n_total: int, protect: int, values: dict) -> int:
 
 
 def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None,
-                    shared: bool = False) -> Streams:
-    """Label every node of `gm` with `meta['routefx']['token']` (see module docstring)."""
+                    shared=None) -> Streams:
+    """Label every node of `gm` with `meta['routefx']['token']` (see module docstring).
+
+    `shared`: one index set for the whole batch in every route (True), one per sample (False), or
+    None: per sample unless an unbatched per-token table (a rotary `(T_text + N, d)` table) enters
+    the blocks, which can only follow one index set for the batch (`streams.shared_because`).
+    """
     g = dataflow_graph(gm.graph)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     source = inputs[0]
@@ -186,7 +193,11 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
         if n not in after0:
             ok = n in from_src and _label(values.get(n), batch, n_total) is True
             n.meta.setdefault("routefx", {})["token"] = ok
-    _probe(gm, chain, g, streams, values, example, mode, shared)
+    region = span_region(g, chain.nodes[0], chain.nodes[-1])
+    tables = [u for v in region for u in v.all_input_nodes if u not in region and token_kind(u, streams) == "table0"]
+    streams.shared = bool(tables) if shared is None else bool(shared)
+    streams.shared_because = tables[0] if tables and shared is None else None
+    _probe(gm, chain, g, streams, values, example, mode, streams.shared)
     return streams
 
 

@@ -84,7 +84,7 @@ class RoutedModule(nn.Module):
 
     def __init__(self, model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None,
                  leaf_modules=(), generator=None, static_batch=False, compile=None, fp32_after_route=False,
-                 shared_indices=False):
+                 shared_indices=None):
         super().__init__()
         self.module = model
         self.routes = as_routes(routes)
@@ -335,7 +335,7 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing, une
 
 def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None, leaf_modules=(),
           generator=None, static_batch=False, compile=None, fp32_after_route=False,
-          shared_indices=False) -> RoutedModule:
+          shared_indices=None) -> RoutedModule:
     """Route tokens around blocks of `model` during training (TREAD), without editing its code.
 
     Args:
@@ -354,8 +354,11 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
             the batch dim marked dynamic: one compilation serves every batch size.
         fp32_after_route: run the block right after each route's end with autocast disabled and
             float inputs in float32 (the TREAD reference's stability measure under bf16).
-        shared_indices: draw one index set for the whole batch (`torch.rand(1, N)`), required
-            when an unbatched per-token table (e.g. rotary `(T_text + N, d)`) enters a route.
+        shared_indices: True: draw one index set for the whole batch (`torch.rand(1, N)`) in every
+            route; False: one per sample (TREAD), refusing models that cannot take it; None (the
+            default): per sample, unless an unbatched per-token table (e.g. a rotary
+            `(T_text + N, d)` table) enters the blocks, which can follow one index set only: then
+            shared, with a warning (`plans[i].shared_indices` says which).
     Returns:
         A `RoutedModule`: call it like the model; in eval mode it IS the original forward.
 

@@ -242,8 +242,11 @@ def main(argv=None) -> int:
     ap.add_argument("--route", action="append", default=[], help="START,END,RATIO (repeatable)")
     ap.add_argument("--blocks", nargs="+", help="explicit block module names (or one container name)")
     ap.add_argument("--protect", type=int, help="prefix tokens never routed")
-    ap.add_argument("--shared-indices", action="store_true",
-                    help="one index set for the whole batch (needed by unbatched per-token tables)")
+    ap.add_argument("--shared-indices", action="store_const", const=True, default=None,
+                    help="one index set for the whole batch in every route (default: only where an "
+                         "unbatched per-token table needs it)")
+    ap.add_argument("--per-sample-indices", dest="shared_indices", action="store_const", const=False,
+                    help="one index set per sample, refusing routes that cannot take it")
     ap.add_argument("--graph", help="write the block-level graph: out.svg, out.png or out.dot")
     ap.add_argument("--check", action="store_true", help="run a routed train step and an eval step")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -89,20 +90,27 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
 
 
 def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
-           keep_batch=False, fake=True, fp32_after_route=False, shared_indices=False) -> RoutedGraph:
+           keep_batch=False, fake=True, fp32_after_route=False, shared_indices=None) -> RoutedGraph:
     t0 = time.perf_counter()
     with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
-        leaves = set(explicit or block_candidates(model)) | set(leaf_modules)
-        cap = capture(model, args, kwargs, leaves, keep_batch=keep_batch, fake=fake)
+        candidates = set(explicit or block_candidates(model))
+        cap = capture(model, args, kwargs, candidates | set(leaf_modules), keep_batch=keep_batch, fake=fake)
         example = cap.example
         with _stage("find_blocks"):
-            chain = find_chain(cap.gm, leaves, explicit)
+            chain = find_chain(cap.gm, candidates, explicit)
         resolved = resolve_routes(routes, len(chain))
         with _stage("streams"):
             streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode, shared_indices)
         with _stage("insert_routes"):
-            plans = insert_routes(cap.gm, chain, streams, resolved, control, shared_indices)
+            plans = insert_routes(cap.gm, chain, streams, resolved, control, streams.shared)
+        if streams.shared_because is not None and plans:
+            u = streams.shared_because
+            warnings.warn(f"routefx: every route of {type(model).__name__} draws ONE index set for the whole "
+                          f"batch (not one per sample): the per-token table '{u.name}' of shape "
+                          f"{tuple(u.meta['routefx']['spec'].shape)} has no batch dim, so it can follow only one "
+                          f"selection. Pass shared_indices=True to say this is intended (no warning), or "
+                          f"shared_indices=False to refuse instead.", stacklevel=2)
             if fp32_after_route:
                 fp32_after_routes(cap.gm, chain, resolved)
         cap.gm.graph.lint()

@@ -825,8 +825,11 @@ def test_unbatched_table_needs_shared_indices_then_matches_reference():
     torch.manual_seed(0)
     model = UnbatchedTable()
     x = torch.randn(3, C_IN, SIDE, SIDE)
-    with pytest.raises(RouteError, match="unbatched per-token table.*shared_indices=True"):
-        routefx.apply(model, [(1, 2, 0.5)], example_inputs=(x,))
+    with pytest.raises(RouteError, match="unbatched per-token table.*shared_indices=False was passed"):
+        routefx.apply(model, [(1, 2, 0.5)], example_inputs=(x,), shared_indices=False)
+    with pytest.warns(UserWarning, match="ONE index set for the whole batch.*'table'"):
+        auto = routefx.apply(model, [(1, 2, 0.5)], example_inputs=(x,))  # the default: shared, said
+    assert auto._graphs[0][1].plans[0].shared_indices
     routed = routefx.apply(model, [(1, 2, 0.5)], shared_indices=True)
     torch.manual_seed(0)
     out = routed(x)
