@@ -481,6 +481,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
             f"Could not trace {type(model).__name__} at {where} (inside module '{scope or '<root>'}'): "
             f"{type(e).__name__}: {e}. {_capture_fix(scope)} {INSPECT_HINT}") from e
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Captured")
+    _split_containers(gm.graph, tracer.values)
     for node in gm.graph.nodes:
         node.meta.setdefault("routefx", {})["spec"] = _spec(tracer.values.get(node))
     _fold(gm.graph, tracer.folded)
@@ -500,6 +501,28 @@ def _capture_fix(scope: str) -> str:
                 f"or name the block modules explicitly with blocks=[...]. ({hint})")
     return (f"Fix: this line is in the model's own forward; move it into a submodule and list that in "
             f"leaf_modules=[...], or make the value a Python constant (e.g. from the config). ({hint})")
+
+
+def _split_containers(graph: fx.Graph, values: dict) -> None:
+    """A tuple / list of tensors used whole (a rotary module returning `(cos, sin)`, passed as is
+    to every block) is passed as a tuple of its element picks instead: every element is then a
+    value of its own that the stream analysis sees (and a route can gather)."""
+    for node in list(graph.nodes):
+        v = values.get(node)
+        if not (type(v) in (tuple, list) and v and all(isinstance(e, torch.Tensor) for e in v)):
+            continue  # (named tuples and torch.return_types keep their attributes: left whole)
+        whole = [u for u in node.users if not (u.op == "call_function" and u.target in (operator.getitem, getattr))]
+        if not whole or node.op == "placeholder":
+            continue
+        picks, at = [], node
+        for i, e in enumerate(v):
+            with graph.inserting_after(at):
+                at = graph.call_function(operator.getitem, (node, i))
+            values[at] = e
+            picks.append(at)
+        packed = type(v)(picks)
+        for u in whole:
+            u.args, u.kwargs = fx.node.map_arg((u.args, u.kwargs), lambda n: packed if n is node else n)
 
 
 def _fold(graph: fx.Graph, folded: list) -> None:

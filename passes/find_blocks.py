@@ -121,11 +121,15 @@ def _longest(calls: list, below: dict) -> list:
 def _without_refiners(chain: list, calls: list, below: dict) -> list:
     """Drop leading stacks that run beside another stack before merging into the chain (a text
     refiner beside an image refiner, then joint blocks): the chain starts where they merge."""
-    stacks = Counter(_stack(c) for c in calls)
+    by_stack: dict = {}
+    for c in calls:
+        by_stack.setdefault(_stack(c), []).append(c)
+    # a refiner is a sequential stack (each call fed by the previous), not parallel projections
+    sequential = {k for k, cs in by_stack.items() if len(cs) >= 2 and all(b in below[a] for a, b in zip(cs, cs[1:]))}
     for j in range(1, len(chain)):
         if _stack(chain[j]) == _stack(chain[j - 1]):
             continue
-        beside = [d for d in calls if d not in chain and stacks[_stack(d)] >= 2 and chain[j] in below[d]
+        beside = [d for d in calls if d not in chain and _stack(d) in sequential and chain[j] in below[d]
                   and chain[j - 1] not in below[d] and d not in below[chain[0]]]
         if beside:
             return chain[j:]

@@ -25,9 +25,9 @@ import torch.fx as fx
 from torch import nn
 
 from routefx.errors import INSPECT_HINT, RouteError
-from routefx.ops import RouteSelector, gather_table, gather_tokens, scatter_tokens
+from routefx.ops import RouteSelector, gather_joined, gather_table, gather_tokens, scatter_joined, scatter_tokens
 from .find_blocks import dataflow_graph
-from .streams import PER_SAMPLE_TABLES, flat_inputs, span_region, token_kind
+from .streams import PER_SAMPLE_TABLES, flat_inputs, span_region, stream_offsets, token_kind
 
 __all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
 
@@ -54,6 +54,11 @@ def _shape(node):
 
 def _label(node):
     return node.meta.get("routefx", {}).get("token", False)
+
+
+def _is_container(label) -> bool:
+    """A tuple of per-element labels (a block returning several values), not a joined stream."""
+    return isinstance(label, tuple) and not (label and label[0] == "joined")
 
 
 def _where(node):
@@ -104,7 +109,7 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
                      streams.protect, streams.protect + route.num_kept(n), shared_indices)
 
     entering = _entering(region, order, streams, plan)
-    primary = next((u for u in flat_inputs(first) if u in entering and entering[u][0] == "token"), None)
+    primary = next((u for u in flat_inputs(first) if u in entering and entering[u][0] in ("token", "joined")), None)
     if primary is None:
         raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'). "
                          f"{INSPECT_HINT}")
@@ -130,21 +135,25 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
                          f"samples. Pass shared_indices=True to routefx.apply (one index set per batch; the "
                          f"table stays (1, kept, ...) and broadcasts as before).")
     gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared_indices))
+    p, q = stream_offsets(primary)
     with graph.inserting_before(first):
-        sel = graph.call_module(name, (primary,))
+        sel = graph.call_module(name, (primary, p + q) if p or q else (primary,))
     sel.meta["routefx"] = {"selector": i, "token": False}
 
     gathered = {}
     for u, (kind, users) in entering.items():
         with graph.inserting_before(users[0]):
-            if kind == "table0":
+            if kind == "joined":
+                node = graph.call_function(gather_joined, (u, sel, *stream_offsets(u)))
+            elif kind == "table0":
                 node = graph.call_function(gather_table, (u, sel, primary, 0))
             elif kind == "table1":
                 node = graph.call_function(gather_table, (u, sel, primary, 1, shared_indices))
             else:
                 node = graph.call_function(gather_tokens, (u, sel, shared_indices and kind == "broadcast"))
-        node.meta["routefx"] = {"token": kind == "token", "gather_of": u, "route": i, "spec": None}
-        if kind == "token":
+        node.meta["routefx"] = {"token": u.meta["routefx"]["token"] if kind in ("token", "joined") else False,
+                                "gather_of": u, "route": i, "spec": None}
+        if kind in ("token", "joined"):
             gathered[node] = u  # the stream's route-start values: what leaving tensors continue
         for v in users:
             v.replace_input_with(u, node)
@@ -181,7 +190,7 @@ def _entering(region, order, streams, plan) -> dict:
 
 
 def _routed_inputs(node, gathered):
-    return [u for u in dict.fromkeys(flat_inputs(node)) if u in gathered or _label(u) is True]
+    return [u for u in dict.fromkeys(flat_inputs(node)) if u in gathered or stream_offsets(u)[0] is not None]
 
 
 def _origin(u, gathered, region, memo):
@@ -190,7 +199,7 @@ def _origin(u, gathered, region, memo):
     if u in memo:
         return memo[u]
     src = u.args[0] if u.op == "call_function" and u.target in (operator.getitem, getattr) else None
-    if src is not None and src in region and isinstance(_label(src), tuple):
+    if src is not None and src in region and _is_container(_label(src)):
         ins = _routed_inputs(src, gathered)
         outs = [k for k, flag in enumerate(_label(src)) if flag is True]
         idx = u.args[1]
@@ -229,17 +238,22 @@ def _scatter_leaving(graph, region, order, gathered, sel, plan):
         label = _label(u)
         if not outside:
             continue
-        if isinstance(label, tuple) and any(label):
+        if _is_container(label) and any(label):
             outside = [v for v in outside if not v.meta.get("routefx", {}).get("guard")]  # len(tuple)
-        if isinstance(label, tuple) and any(label) and outside:
+        if _is_container(label) and any(label) and outside:
             raise RouteError(f"{_where(u)} returns several token tensors and is used whole after the route "
                              f"(by '{outside[0].name}'); routefx scatters tensors, not containers. End the "
                              f"route one block earlier. {INSPECT_HINT}")
-        if label is not True:
+        p, q = stream_offsets(u)
+        if p is None:
             continue
         base = _origin(u, gathered, region, memo)
+        bp, bq = stream_offsets(base)
         with graph.inserting_after(u if order[u] > order[base] else base):
-            node = graph.call_function(scatter_tokens, (base, sel, u))
+            if p or q or bp or bq:  # joined with text on the way in or out
+                node = graph.call_function(scatter_joined, (base, sel, u, p, q, bp, bq))
+            else:
+                node = graph.call_function(scatter_tokens, (base, sel, u))
         node.meta["routefx"] = {"token": True, "scatter_of": u, "route": plan.index, "spec": u.meta["routefx"].get("spec")}
         plan.scattered.append({"tensor": u.name, "shape": _shape(base), "base": base.name})
         for v in outside:

@@ -13,8 +13,9 @@ occurs nowhere else in the model, and a value is part of the stream iff it shows
 a text stream whose length equals the image token count is still told apart.
 """
 import contextlib
-import logging
 import dataclasses
+import logging
+import operator
 
 import networkx as nx
 import torch
@@ -24,7 +25,8 @@ from routefx.errors import INSPECT_HINT, GuardError, RouteError
 from routefx.ops import gather_table, gather_tokens, select_tokens, setitem
 from .find_blocks import dataflow_graph
 
-__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "PER_SAMPLE_TABLES"]
+__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "stream_offsets",
+           "PER_SAMPLE_TABLES"]
 
 _CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
 
@@ -86,6 +88,8 @@ def token_kind(node: fx.Node, streams: Streams) -> str:
     meta = node.meta.get("routefx", {})
     if meta.get("token") is True:
         return "token"
+    if _offsets(meta.get("token"))[0] is not None:
+        return "joined"
     shape = getattr(meta.get("spec"), "shape", None)
     if shape is None:
         return "pass"
@@ -115,37 +119,67 @@ def _assigned_span(node, values):
     return start, stop
 
 
+def _sliced_front(node, values):
+    """a of `x[:, a:b]` (the tokens a slice along dim 1 drops in front), or None."""
+    key = node.args[1]
+    if not (isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) and isinstance(key[1], slice)):
+        return None
+    src = values.get(node.args[0])
+    if not isinstance(src, torch.Tensor):
+        return None
+    start, _, step = slice(_value(key[1].start, values), _value(key[1].stop, values),
+                           _value(key[1].step, values)).indices(src.shape[1])
+    return start if step == 1 else None
+
+
 def _detect_prefix(primary, from_src, values) -> int:
-    prefix, node = 0, primary
+    """Tokens in front of the image tokens in `primary` (text, time / class / register tokens).
+
+    Walks back from `primary` to the image input keeping the window [lo, hi) of `primary`'s
+    tokens in the current tensor's token axis: a slice `x[:, a:b]` shifts it by a, a
+    concatenation or an item assignment that places the image tokens at offset `off` shifts it
+    by -off. The prefix is what lies before the image tokens' position 0 (-lo); tokens after the
+    image tokens that reach `primary` are refused.
+    """
+    lo, hi = 0, values[primary].shape[1]
+    node = primary
     while node.op != "placeholder":
-        if node.op == "call_function" and node.target is setitem and node.args[2] in from_src:
-            span = _assigned_span(node, values)  # seq[:, a:b] = image tokens into a preallocated sequence
-            if span is not None:
-                if span[1] < values[node].shape[1]:
-                    raise RouteError(f"Tokens are placed AFTER the image tokens at {node.format_node()}; "
-                                     f"routefx protects prefix tokens only. Pass protect=<prefix count> "
-                                     f"and put extra tokens in front. {INSPECT_HINT}")
-                prefix += span[0]
-                node = node.args[2]
-                continue
-        if node.op == "call_function" and node.target in _CATS:
-            parts = list(node.args[0])
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim % values[node].dim() == 1:
-                ours = [i for i, p in enumerate(parts) if p in from_src]
-                i = max(ours, key=lambda j: values[parts[j]].shape[1])
-                prefix += sum(values[p].shape[1] for p in parts[:i])
-                if any(values[p].shape[1] for p in parts[i + 1:]):
-                    raise RouteError(f"Tokens are appended AFTER the image tokens at {node.format_node()}; "
-                                     f"routefx protects prefix tokens only. Pass protect=<prefix count> "
-                                     f"and put extra tokens in front. {INSPECT_HINT}")
-                node = parts[i]
-                continue
-        nxt = [u for u in node.all_input_nodes if u in from_src]
-        if not nxt:
-            break
-        node = nxt[0]
-    return prefix
+        step = _token_axis_step(node, from_src, values)
+        if step is None:
+            nxt = [u for u in node.all_input_nodes if u in from_src]
+            if not nxt:
+                break
+            node = nxt[0]
+            continue
+        upstream, shift, size = step
+        lo, hi = lo + shift, hi + shift
+        if size is not None and hi > size:
+            raise RouteError(f"Tokens are placed AFTER the image tokens at {node.format_node()}; "
+                             f"routefx protects prefix tokens only. Pass protect=<prefix count> "
+                             f"and put extra tokens in front. {INSPECT_HINT}")
+        node = upstream
+    return max(0, -lo)
+
+
+def _token_axis_step(node, from_src, values):
+    """(upstream node, window shift, upstream token count or None) for a node that moves tokens
+    along dim 1 (slice, concatenation, item assignment of the image tokens), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and isinstance(values.get(node), torch.Tensor):
+        cut = _sliced_front(node, values)
+        return None if cut is None else (node.args[0], cut, None)
+    if node.target is setitem and node.args[2] in from_src:
+        span = _assigned_span(node, values)
+        return None if span is None else (node.args[2], -span[0], span[1] - span[0])
+    if node.target in _CATS and _cat_dim(node, values[node]) == 1:
+        parts = list(node.args[0])
+        ours = [i for i, p in enumerate(parts) if p in from_src]
+        if not ours:
+            return None
+        i = max(ours, key=lambda j: values[parts[j]].shape[1])
+        return parts[i], -sum(values[p].shape[1] for p in parts[:i]), values[parts[i]].shape[1]
+    return None
 
 
 def _dims(values: dict) -> set:
@@ -153,11 +187,12 @@ def _dims(values: dict) -> set:
     return {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
 
 
-def _probe_count(n_total: int, protect: int, values: dict) -> int:
+def _probe_counts(n_total: int, protect: int, values: dict) -> list:
+    """Two token counts (prefix included) that no traced tensor has on any dim; one if only one fits."""
     dims = _dims(values)
-    for keep in range(n_total - protect - 1, 0, -1):
-        if protect + keep not in dims:
-            return protect + keep
+    found = [protect + keep for keep in range(n_total - protect - 1, 0, -1) if protect + keep not in dims][:2]
+    if found:
+        return found
     raise RouteError(f"Too few tokens ({n_total}) to tell the token stream apart from other tensors; "
                      f"trace with a larger example input. {INSPECT_HINT}")
 
@@ -220,6 +255,7 @@ class _Probe(fx.Interpreter):
         self.todo = set(region)  # stop once every node of the span has run
         self.ids = None
         self.gathered = {}
+        self.labels = {}  # node -> True / tuple / ("joined", p, s) / False, for this token count
 
     def run_node(self, n):
         meta = n.meta.get("routefx", {})
@@ -243,11 +279,46 @@ class _Probe(fx.Interpreter):
         finally:
             self.env.update(saved)
         if not self.check_only:
-            n.meta.setdefault("routefx", {})["token"] = _label(out, self.streams.batch, self.keep)
+            label = _label(out, self.streams.batch, self.keep)
+            if label is False:
+                label = self._joined(n, out)
+            self.labels[n] = label
         self.todo.discard(n)
         if not self.todo:
             raise _Stop
         return out
+
+    def _joined(self, n, out):
+        """("joined", p, s) if `out` is `(batch, p + kept + s, ...)` with the stream's kept tokens
+        after p other tokens (text joined in front) and before s others; False otherwise."""
+        if not (isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[0] == self.batch):
+            return False
+        size, keep = out.shape[1], self.keep
+        if n.op == "call_function" and n.target in _CATS and _cat_dim(n, out) == 1:
+            offset, found = 0, []
+            for part in n.args[0]:
+                p, s = _offsets(self.labels.get(part, False))
+                if p is not None:
+                    found.append(offset + p)
+                offset += self.env[part].shape[1] if isinstance(self.env.get(part), torch.Tensor) else 0
+            if len(found) == 1 and size - keep - found[0] >= 0:
+                return _as_label(found[0], size - keep - found[0])
+            return False
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.labels:
+            p, s = _offsets(self.labels[n.args[0]])
+            key = n.args[1]
+            if p is not None and isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) \
+                    and isinstance(key[1], slice):
+                start, stop, step = slice(*(self.env[a] if isinstance(a, fx.Node) else a for a in (
+                    key[1].start, key[1].stop, key[1].step))).indices(self.env[n.args[0]].shape[1])
+                if step == 1 and start <= p and stop >= p + keep:
+                    return _as_label(p - start, stop - p - keep)
+            return False
+        for u in n.all_input_nodes:
+            p, s = _offsets(self.labels.get(u, False))
+            if p is not None and (p or s) and size == keep + p + s:
+                return _as_label(p, s)
+        return False
 
     def _gather(self, u):
         if u not in self.gathered:
@@ -278,25 +349,60 @@ def _quiet_fake_tensor():
         log.setLevel(level)
 
 
+def _offsets(label):
+    """(p, s) of a value carrying the stream (p other tokens before it, s after), or (None, None)."""
+    if label is True:
+        return 0, 0
+    if isinstance(label, tuple) and label and label[0] == "joined":
+        return label[1], label[2]
+    return None, None
+
+
+def stream_offsets(node: fx.Node) -> tuple:
+    """(p, s) of a node carrying the stream with p other tokens in front and s behind (text
+    joined to the image tokens inside the chain), (0, 0) for the stream itself, else (None, None)."""
+    return _offsets(node.meta.get("routefx", {}).get("token"))
+
+
+def _as_label(p, s):
+    return True if p == s == 0 else ("joined", p, s)
+
+
+def _cat_dim(node, value):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % value.dim()
+
+
 def _probe(gm, chain, g, streams, values, example, mode, shared):
-    keep = _probe_count(streams.num_tokens, streams.protect, values)
+    """Run the chain at two token counts no tensor has; a value is part of the stream iff it
+    shows the count both times, at the same offset (a text stream of length N never does)."""
     first, last = chain.nodes[0], chain.nodes[-1]
     region = span_region(g, first, last)
-    probe = _Probe(gm, region, nx.descendants(g, first) | {first}, streams, keep, shared)
-    try:
-        with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
-            probe.run(*example)
-    except _Stop:
-        if mode is not None and not shared:
-            _check_per_sample_tables(gm, region, probe, streams, keep, values, example, mode)
-        return
-    except Exception as e:  # noqa: BLE001 - remembered, reported by routes that need this block
-        failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
-                                   key=lambda n: n.meta["routefx"]["block"], default=None)
-        streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, e)
+    after0 = nx.descendants(g, first) | {first}
+    keeps = _probe_counts(streams.num_tokens, streams.protect, values)
+    labels = []
+    for keep in keeps:
+        probe = _Probe(gm, region, after0, streams, keep, shared)
+        try:
+            with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
+                probe.run(*example)
+        except _Stop:
+            labels.append(probe.labels)
+            continue
+        except Exception as e:  # noqa: BLE001 - remembered, reported by routes that need this block
+            failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
+                                       key=lambda n: n.meta["routefx"]["block"], default=None)
+            streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, e)
+            labels.append(probe.labels)  # what ran before the failing block still counts
+            break
+    for n in region:
+        seen = [lab[n] for lab in labels if n in lab]
+        n.meta.setdefault("routefx", {})["token"] = seen[0] if seen and all(x == seen[0] for x in seen) else False
+    if streams.failed_at is None and mode is not None and not shared:
+        _check_per_sample_tables(gm, region, after0, streams, keeps[0], values, example, mode)
 
 
-def _check_per_sample_tables(gm, region, probe, streams, keep, values, example, mode):
+def _check_per_sample_tables(gm, region, after0, streams, keep, values, example, mode):
     """A `(1, N, ...)` table entering the span is gathered per sample into `(B, n_kept, ...)`,
     which is right only if the blocks broadcast its dim 0 against the batch. A block that
     broadcasts it against another dim (attention heads) runs at a batch equal to that dim and
@@ -310,7 +416,7 @@ def _check_per_sample_tables(gm, region, probe, streams, keep, values, example, 
         bigger = [torch.zeros((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
                   if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == streams.batch else x
                   for x in example]
-    check = _Probe(gm, region, probe.after0, streams, keep, False, batch=batch)
+    check = _Probe(gm, region, after0, streams, keep, False, batch=batch)
     try:
         with torch.no_grad(), mode, _quiet_fake_tensor():
             check.run(*bigger)

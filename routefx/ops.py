@@ -5,8 +5,8 @@ from torch.fx.node import has_side_effect
 
 from .errors import GuardError, RouteError
 
-__all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "gather_table", "scatter_tokens",
-           "check_guard", "check_assert", "setitem"]
+__all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "gather_table", "gather_joined",
+           "scatter_tokens", "scatter_joined", "check_guard", "check_assert", "setitem"]
 
 
 class RouteControl:
@@ -54,15 +54,17 @@ class RouteSelector(nn.Module):
         self.index, self.default_ratio, self.protect, self.control = index, ratio, protect, control
         self.shared = shared  # one index set for the whole batch (needed by unbatched tables)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, others: int = 0):
+        """Indices into the stream's tokens: `x` carries them after its first `others` tokens, if
+        any (text joined in front of the image tokens at the route start)."""
         ratio = self.control.ratio(self.index, self.default_ratio)
         if ratio == 0:
             return None  # no RNG drawn, gathers and scatters become identities
+        n = x.shape[1] - others
         if self.shared:
-            ids = select_tokens(1, x.shape[1], ratio, self.protect, x.device, self.control.generator)
+            ids = select_tokens(1, n, ratio, self.protect, x.device, self.control.generator)
             return ids.expand(x.shape[0], -1)
-        return select_tokens(x.shape[0], x.shape[1], ratio, self.protect, x.device,
-                             self.control.generator)
+        return select_tokens(x.shape[0], n, ratio, self.protect, x.device, self.control.generator)
 
     def extra_repr(self) -> str:
         return f"route={self.index}, ratio={self.default_ratio}, protect={self.protect}, shared={self.shared}"
@@ -103,6 +105,38 @@ def gather_table(table: torch.Tensor, ids, stream, dim: int, shared: bool = Fals
         return table.index_select(0, torch.cat([torch.arange(head, device=ids.device), ids[0]]))
     lead = torch.arange(head, device=ids.device).expand(ids.shape[0], head)
     return gather_tokens(table, torch.cat([lead, ids], dim=1), shared)
+
+
+def _joined_ids(ids: torch.Tensor, p: int, n: int, s: int) -> torch.Tensor:
+    """`ids` into n stream tokens as indices into [p other tokens, the n stream tokens, s others]."""
+    b = ids.shape[0]
+    parts = [torch.arange(p, device=ids.device).expand(b, p), ids + p,
+             torch.arange(p + n, p + n + s, device=ids.device).expand(b, s)]
+    return torch.cat(parts, dim=1)
+
+
+def gather_joined(x: torch.Tensor, ids, p: int, s: int):
+    """Kept tokens of a stream joined with p other tokens in front and s behind (text tokens are
+    never routed: all of them are kept, in place)."""
+    if ids is None:
+        return x
+    return x.gather(1, _token_index(_joined_ids(ids, p, x.shape[1] - p - s, s), x))
+
+
+def scatter_joined(base: torch.Tensor, ids, kept: torch.Tensor, p: int, s: int, base_p: int = 0,
+                   base_s: int = 0) -> torch.Tensor:
+    """Route end for a stream that leaves the route joined with other tokens (p in front, s
+    behind): the bypassed tokens get their route-start values from `base` (the stream itself, or
+    joined as `base_p` / `base_s`), the other tokens and the kept ones come from `kept`."""
+    if ids is None:
+        return kept
+    start = base[:, base_p: base.shape[1] - base_s]
+    if start.dtype != kept.dtype:
+        start = start.to(kept.dtype)
+    if start.shape[0] != kept.shape[0]:
+        start = start.expand(kept.shape[0], *start.shape[1:])
+    full = torch.cat([kept[:, :p], start, kept[:, kept.shape[1] - s:]], dim=1)
+    return full.scatter(1, _token_index(_joined_ids(ids, p, start.shape[1], s), kept), kept)
 
 
 def scatter_tokens(base: torch.Tensor, ids, kept: torch.Tensor) -> torch.Tensor:
