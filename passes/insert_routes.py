@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from routefx.errors import INSPECT_HINT, RouteError
+from .capture import user_frame
 from routefx.ops import RouteSelector, gather_joined, gather_table, gather_tokens, scatter_joined, scatter_tokens
 from .find_blocks import dataflow_graph
 from .streams import PER_SAMPLE_TABLES, flat_inputs, span_region, stream_offsets, token_kind
@@ -86,14 +87,32 @@ def _check_route(chain, streams, i, route):
         b, err = streams.failed_at
         where = "fails" if s <= b else "sits before this route and fails"
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
-                         f"{where} when it gets fewer tokens than it was traced with ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}); "
-                         f"it probably reshapes tokens to the image grid. routefx follows the token stream "
-                         f"with fewer tokens through the chain, so it cannot see past that block: use routes "
-                         f"that end before block {b}.") from err
+                         f"{where} when it gets fewer tokens than it was traced with, at {user_frame(err.__traceback__)}: "
+                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err)} routefx "
+                         f"follows the token stream with fewer tokens through the chain, so it cannot see past "
+                         f"that block: use routes that end before block {b}. {INSPECT_HINT}") from err
+    if streams.ambiguous:
+        sets = "; ".join(", ".join(f"'{u.name}' {_shape(u)}" for u in c) for c in streams.ambiguous)
+        raise RouteError(f"Route {i}: the blocks need some (batch, {streams.num_tokens}, ...) inputs that are not "
+                         f"the token stream to follow the token selection, and routefx cannot tell which: each "
+                         f"of these makes them run ({sets}). Gathering the wrong one (e.g. a text context as "
+                         f"long as the image) would be silently wrong, so the model is refused. {INSPECT_HINT}")
     n = streams.num_tokens - streams.protect
     if route.num_kept(n) <= 0:
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
+
+
+def _probe_cause(err) -> str:
+    """The likely reason a block fails on fewer tokens, from what failed."""
+    text = f"{err} {user_frame(err.__traceback__)}"
+    if any(w in text for w in ("unflatten", "view(", "reshape", "is invalid for input of size", "shape '[")):
+        return ("The block reshapes its tokens to a fixed layout (an (H, W) grid for a convolution, or "
+                "frames): it cannot run on a subset of them.")
+    if any(w in text for w in ("must match the size", "broadcast")):
+        return ("A tensor the block receives still has the full token count: a per-token input (an "
+                "attention mask or bias, a position table) that routefx did not recognise, so it was not "
+                "gathered, or a length the model computes from the whole sequence.")
+    return ""
 
 
 def _insert_one(gm, chain, streams, i, route, control, shared_indices):
@@ -145,6 +164,8 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
         with graph.inserting_before(users[0]):
             if kind == "joined":
                 node = graph.call_function(gather_joined, (u, sel, *stream_offsets(u)))
+            elif kind == "side":
+                node = graph.call_function(gather_tokens, (u, sel))
             elif kind == "table0":
                 node = graph.call_function(gather_table, (u, sel, primary, 0))
             elif kind == "table1":

@@ -14,6 +14,7 @@ a text stream whose length equals the image token count is still told apart.
 """
 import contextlib
 import dataclasses
+import itertools
 import logging
 import operator
 
@@ -43,6 +44,7 @@ class Streams:
     input_derived: set       # nodes that depend on any model input
     failed_at: tuple = None  # (block index, exception) if a block cannot run on fewer tokens
     per_sample_tables: tuple = None  # (batch tried, exception) if (1, N, ...) tables fail per sample
+    ambiguous: list = None   # sets of (batch, N, ...) inputs that each make the blocks run as per-token
     shared: bool = False     # one index set per batch for every route (see `analyze_streams`)
     shared_because: fx.Node = None  # the unbatched per-token table that made `shared` automatic
 
@@ -86,6 +88,10 @@ def token_kind(node: fx.Node, streams: Streams) -> str:
     'pass': untouched.
     """
     meta = node.meta.get("routefx", {})
+    if meta.get("not_per_token"):
+        return "pass"  # shaped like a table, but the blocks fail when it follows the tokens
+    if meta.get("per_token"):
+        return "side"  # (batch, N, ...), not the stream, and the blocks fail unless it follows it
     if meta.get("token") is True:
         return "token"
     if _offsets(meta.get("token"))[0] is not None:
@@ -208,7 +214,8 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     g = dataflow_graph(gm.graph)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     source = inputs[0]
-    from_src = nx.descendants(g, source) | {source}
+    # values computed from the image's VALUES: reading its shape (`text.view(b, -1, x.shape[-1])`) is not
+    from_src = nx.descendants(dataflow_graph(gm.graph, data_only=True), source) | {source}
     block0 = chain.nodes[0]
     cands = [u for u in flat_inputs(block0) if u in from_src and isinstance(values.get(u), torch.Tensor)
              and values[u].dim() >= 3]
@@ -256,6 +263,7 @@ class _Probe(fx.Interpreter):
         self.ids = None
         self.gathered = {}
         self.labels = {}  # node -> True / tuple / ("joined", p, s) / False, for this token count
+        self.skip = set()  # table-shaped inputs not to gather (see `_probe`)
 
     def run_node(self, n):
         meta = n.meta.get("routefx", {})
@@ -272,7 +280,7 @@ class _Probe(fx.Interpreter):
             return super().run_node(n)
         saved = {}
         for u in n.all_input_nodes:
-            if u not in self.region and token_kind(u, self.streams) != "pass":
+            if u not in self.region and u not in self.skip and token_kind(u, self.streams) != "pass":
                 saved[u], self.env[u] = self.env[u], self._gather(u)
         try:
             out = super().run_node(n)
@@ -380,9 +388,11 @@ def _probe(gm, chain, g, streams, values, example, mode, shared):
     region = span_region(g, first, last)
     after0 = nx.descendants(g, first) | {first}
     keeps = _probe_counts(streams.num_tokens, streams.protect, values)
+    skip = _not_per_token(gm, region, after0, streams, keeps[0], shared, example, mode)
     labels = []
     for keep in keeps:
         probe = _Probe(gm, region, after0, streams, keep, shared)
+        probe.skip = skip
         try:
             with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
                 probe.run(*example)
@@ -400,6 +410,81 @@ def _probe(gm, chain, g, streams, values, example, mode, shared):
         n.meta.setdefault("routefx", {})["token"] = seen[0] if seen and all(x == seen[0] for x in seen) else False
     if streams.failed_at is None and mode is not None and not shared:
         _check_per_sample_tables(gm, region, after0, streams, keeps[0], values, example, mode)
+
+
+def _run_probe(probe, example, mode) -> bool:
+    try:
+        with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
+            probe.run(*example)
+    except _Stop:
+        return True
+    except Exception:  # noqa: BLE001 - the caller decides what a failure means
+        return False
+    return True
+
+
+def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> set:
+    """Which side inputs follow the token selection, decided by behaviour where shapes cannot tell.
+
+    By default table-shaped inputs (`(S, d)`, `(1, S, ...)`) are gathered with the tokens and
+    `(batch, N, ...)` tensors that are not the stream (a text context as long as the image) are
+    not. If the chain fails that way on fewer tokens: a table whose exclusion makes it run is not
+    per-token (a text rotary table as long as the image; `meta['routefx']['not_per_token']`,
+    returned); else the smallest set of `(batch, N, ...)` inputs whose gathering makes it run is
+    per-token (rotary tables with a batch dim; `meta['routefx']['per_token']`). Two such sets of
+    the same size are ambiguous: `streams.ambiguous`, and the routes are refused.
+    """
+    def runs(skip=(), extra=()):
+        for u in extra:
+            u.meta["routefx"]["per_token"] = True
+        trial = _Probe(gm, region, after0, streams, keep, shared)
+        trial.skip = set(skip)
+        try:
+            return _run_probe(trial, example, mode), trial
+        finally:
+            for u in extra:
+                u.meta["routefx"].pop("per_token", None)
+
+    ok, probe = runs()
+    if ok:
+        return set()
+    groups: dict = {}  # one table read in several places (a constant per block) is tried as one
+    entering = dict.fromkeys(u for v in sorted(region, key=lambda n: n.name) for u in v.all_input_nodes
+                             if u not in region)
+    for u in entering:
+        if token_kind(u, streams) in ("table0", "table1", "broadcast"):
+            groups.setdefault(_fetch_value(gm, u) if u.op == "get_attr" else u, []).append(u)
+    for group in groups.values():
+        if runs(skip=set(group))[0]:
+            for u in group:
+                u.meta.setdefault("routefx", {})["not_per_token"] = True
+            return set(group)
+    cands = [u for u in entering if _per_token_shaped(u, streams)]
+    for size in range(1, min(len(cands), 3) + 1):
+        working = [c for c in itertools.combinations(cands, size) if runs(extra=c)[0]]
+        if len(working) == 1:
+            for u in working[0]:
+                u.meta["routefx"]["per_token"] = True
+            return set()
+        if working:
+            streams.ambiguous = working
+            return set()
+    return set()
+
+
+def _fetch_value(gm, node):
+    """Identity of the tensor a `get_attr` node reads (fx makes one attribute per constant use)."""
+    obj = gm
+    for atom in node.target.split("."):
+        obj = getattr(obj, atom)
+    return id(obj) if not isinstance(obj, torch.Tensor) else (obj.data_ptr() if obj.device.type != "meta" else id(obj), tuple(obj.shape))
+
+
+def _per_token_shaped(u, streams) -> bool:
+    """A `(batch, N, ...)` tensor that is not the stream: per-token, or something as long by chance."""
+    shape = getattr(u.meta.get("routefx", {}).get("spec"), "shape", None)
+    return (token_kind(u, streams) == "pass" and shape is not None and len(shape) >= 2
+            and shape[0] == streams.batch and shape[1] == streams.num_tokens)
 
 
 def _check_per_sample_tables(gm, region, after0, streams, keep, values, example, mode):
