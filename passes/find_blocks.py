@@ -14,6 +14,7 @@ import dataclasses
 from collections import Counter
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -71,13 +72,19 @@ def explicit_blocks(model: nn.Module, blocks) -> list:
     return out
 
 
-_METADATA_METHODS = ("size", "dim", "numel", "nelement", "stride")
+# read only the shape / dtype / device of their tensor argument, never its values
+_METADATA_METHODS = ("size", "dim", "numel", "nelement", "stride", "new_zeros", "new_ones", "new_empty",
+                     "new_full")
+_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                       torch.randn_like}
 
 
 def _reads_metadata_of(v: fx.Node, u: fx.Node) -> bool:
-    """`v` reads only metadata of `u` (`u.shape`, `u.size()`, ...), not its values."""
+    """`v` reads only metadata of `u` (`u.shape`, `u.size()`, `u.new_zeros(...)`, ...), not its values."""
     if v.op == "call_function" and v.target is getattr and v.args[1] == "shape":
         return True
+    if v.op == "call_function" and v.target in _METADATA_FUNCTIONS:
+        return bool(v.args) and v.args[0] is u
     return v.op == "call_method" and v.target in _METADATA_METHODS and v.args[0] is u
 
 

@@ -138,7 +138,7 @@ def _sliced_front(node, values):
     return start if step == 1 else None
 
 
-def _detect_prefix(primary, from_src, values) -> int:
+def _detect_prefix(primary, from_src, values, used: set = None, spine: dict = None) -> int:
     """Tokens in front of the image tokens in `primary` (text, time / class / register tokens).
 
     Walks back from `primary` to the image input keeping the window [lo, hi) of `primary`'s
@@ -150,7 +150,11 @@ def _detect_prefix(primary, from_src, values) -> int:
     lo, hi = 0, values[primary].shape[1]
     node = primary
     while node.op != "placeholder":
+        if spine is not None:
+            spine[node] = lo  # where `primary`'s tokens start in this node's token axis
         step = _token_axis_step(node, from_src, values)
+        if step is not None and used is not None:
+            used.add(node)
         if step is None:
             nxt = [u for u in node.all_input_nodes if u in from_src]
             if not nxt:
@@ -165,6 +169,44 @@ def _detect_prefix(primary, from_src, values) -> int:
                              f"and put extra tokens in front. {INSPECT_HINT}")
         node = upstream
     return max(0, -lo)
+
+
+_JOINS = _CATS | {torch.stack, setitem}
+
+
+def _refuse_other_joins(gm, primary, from_src, source, understood):
+    """Refuse a stream whose tokens were joined with another input's values in a way the prefix
+    detection did not follow (per-sample `torch.cat` then `pad_sequence`, text after the image...):
+    routing it would route those tokens too, silently."""
+    data = dataflow_graph(gm.graph, data_only=True)
+    others = [n for n in gm.graph.nodes if n.op == "placeholder" and n is not source]
+    from_others = set().union(*(nx.descendants(data, n) | {n} for n in others)) if others else set()
+    for node in nx.ancestors(data, primary) | {primary}:
+        joins = node.op == "call_function" and (node.target in _JOINS or "pad_sequence" in getattr(node.target, "__name__", ""))
+        if not joins or node in understood:
+            continue
+        parts = node.all_input_nodes
+        if any(p in from_src for p in parts) and any(p in from_others and p not in from_src for p in parts):
+            raise RouteError(f"The token stream of block 0 ('{primary.name}') is built by joining the image tokens "
+                             f"with another input's values at {node.format_node()}, in a way "
+                             f"routefx does not follow (it follows a concatenation along the token dim, or an item "
+                             f"assignment into a sequence, with the other tokens in front). Routing that stream "
+                             f"would route the other tokens too. Pass protect=<number of leading tokens never "
+                             f"routed> if they all come first, or route a model whose blocks get the image tokens "
+                             f"as their own stream. {INSPECT_HINT}")
+
+
+def _slices_off_the_image(n, spine, values) -> bool:
+    """`n = x[:, a:b]` of a tensor `x` on the way from the image to block 0 that takes other tokens
+    than the image's (CogVideoX's text, sliced off the joint patch embedding): not the stream,
+    even when it happens to be as long."""
+    if n in spine or not (n.op == "call_function" and n.target is operator.getitem and n.args[0] in spine):
+        return False
+    src = values.get(n.args[0])
+    cut = _sliced_front(n, values)
+    if cut is None or not isinstance(src, torch.Tensor):
+        return False
+    return cut != spine[n.args[0]]  # the stream's tokens start there in x; another window is not it
 
 
 def _token_axis_step(node, from_src, values):
@@ -225,15 +267,24 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
                          f"tensor first. {INSPECT_HINT}")
     primary = cands[0]
     batch, n_total = values[primary].shape[:2]
-    k = _detect_prefix(primary, from_src, values) if protect is None else int(protect)
+    understood, spine = set(), {}
+    k = _detect_prefix(primary, from_src, values, understood, spine) if protect is None else int(protect)
+    if protect is None:
+        _refuse_other_joins(gm, primary, from_src, source, understood)
     if not 0 <= k < n_total:
         raise RouteError(f"protect={k} must be in [0, {n_total}) (the stream has {n_total} tokens).")
     derived = set().union(*(nx.descendants(g, p) | {p} for p in inputs))
     streams = Streams(source, primary, batch, n_total, k, derived)
     after0 = nx.descendants(g, block0)
+    if protect is not None:  # (the user's count stands; the walk only records the stream's windows)
+        try:
+            _detect_prefix(primary, from_src, values, spine=spine)
+        except RouteError:
+            pass
     for n in gm.graph.nodes:
         if n not in after0:
-            ok = n in from_src and _label(values.get(n), batch, n_total) is True
+            ok = n in from_src and _label(values.get(n), batch, n_total) is True and \
+                not _slices_off_the_image(n, spine, values)
             n.meta.setdefault("routefx", {})["token"] = ok
     region = span_region(g, chain.nodes[0], chain.nodes[-1])
     tables = [u for v in region for u in v.all_input_nodes if u not in region and token_kind(u, streams) == "table0"]
@@ -388,8 +439,13 @@ def _probe(gm, chain, g, streams, values, example, mode, shared):
     region = span_region(g, first, last)
     after0 = nx.descendants(g, first) | {first}
     keeps = _probe_counts(streams.num_tokens, streams.protect, values)
-    skip = _not_per_token(gm, region, after0, streams, keeps[0], shared, example, mode)
-    labels = []
+    keep0 = keeps[0]
+    first = _Probe(gm, region, after0, streams, keep0, shared)
+    skip, labels = set(), []
+    if _run_probe(first, example, mode):
+        labels, keeps = [first.labels], keeps[1:]
+    else:
+        skip = _not_per_token(gm, region, after0, streams, keep0, shared, example, mode)
     for keep in keeps:
         probe = _Probe(gm, region, after0, streams, keep, shared)
         probe.skip = skip
@@ -409,7 +465,7 @@ def _probe(gm, chain, g, streams, values, example, mode, shared):
         seen = [lab[n] for lab in labels if n in lab]
         n.meta.setdefault("routefx", {})["token"] = seen[0] if seen and all(x == seen[0] for x in seen) else False
     if streams.failed_at is None and mode is not None and not shared:
-        _check_per_sample_tables(gm, region, after0, streams, keeps[0], values, example, mode)
+        _check_per_sample_tables(gm, region, after0, streams, keep0, values, example, mode)
 
 
 def _run_probe(probe, example, mode) -> bool:
@@ -434,7 +490,7 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
     per-token (rotary tables with a batch dim; `meta['routefx']['per_token']`). Two such sets of
     the same size are ambiguous: `streams.ambiguous`, and the routes are refused.
     """
-    def runs(skip=(), extra=()):
+    def runs(skip=(), extra=()):  # (the caller saw the default fail)
         for u in extra:
             u.meta["routefx"]["per_token"] = True
         trial = _Probe(gm, region, after0, streams, keep, shared)
@@ -445,9 +501,6 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
             for u in extra:
                 u.meta["routefx"].pop("per_token", None)
 
-    ok, probe = runs()
-    if ok:
-        return set()
     groups: dict = {}  # one table read in several places (a constant per block) is tried as one
     entering = dict.fromkeys(u for v in sorted(region, key=lambda n: n.name) for u in v.all_input_nodes
                              if u not in region)

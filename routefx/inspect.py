@@ -162,7 +162,7 @@ def _route_report(model, args, kwargs, route, dense, apply_kw) -> dict:
     estimate = None if dense["dim"] is None else tread_flop_ratio(
         len(rg.chain), [r], plan.num_tokens, dense["dim"], protect=plan.protect)
     return {"route": [r.start, r.end, r.ratio], "blocks": plan.blocks, "num_tokens": plan.num_tokens,
-            "protect": plan.protect, "kept_tokens": plan.num_kept,
+            "protect": plan.protect, "kept_tokens": plan.num_kept, "shared_indices": plan.shared_indices,
             "gathered": plan.gathered, "scattered": plan.scattered, "passed": plan.passed,
             "fwd_flops": fwd.total, "step_flops": step.total, "fwd_ratio": fwd.total / dense["fwd_flops"],
             "step_ratio": step.total / dense["step_flops"], "estimated_ratio": estimate,
@@ -212,7 +212,9 @@ def format_report(rep: dict) -> str:
     for r in rep["routes"]:
         s, e, ratio = r["route"]
         lines.append(f"route ({s}, {e}, {ratio}): blocks {r['blocks'][0]}..{r['blocks'][-1]} see "
-                     f"{r['kept_tokens']} of {r['num_tokens']} tokens")
+                     f"{r['kept_tokens']} of {r['num_tokens']} tokens"
+                     + (" (one index set for the whole batch: an unbatched per-token table enters)"
+                        if r.get("shared_indices") else ""))
         lines += [f"  gathered  {g['tensor']} {tuple(g['shape'])} ({g['kind']}) -> {g['into']}" for g in r["gathered"]]
         lines += [f"  scattered {c['tensor']} -> into {c['base']} {tuple(c['shape'])}" for c in r["scattered"]]
         lines += [f"  untouched {p['tensor']} {tuple(p['shape'])}" for p in r["passed"]]

@@ -6,6 +6,7 @@ linted and recompiled once, at the end, then run once on the example inputs to v
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from routefx.passes.capture import capture
+from routefx.passes.capture import _internal, capture
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
 from routefx.passes.insert_routes import fp32_after_routes, insert_routes
 from routefx.passes.streams import analyze_streams
@@ -110,7 +111,7 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
                           f"batch (not one per sample): the per-token table '{u.name}' of shape "
                           f"{tuple(u.meta['routefx']['spec'].shape)} has no batch dim, so it can follow only one "
                           f"selection. Pass shared_indices=True to say this is intended (no warning), or "
-                          f"shared_indices=False to refuse instead.", stacklevel=2)
+                          f"shared_indices=False to refuse instead.", stacklevel=_user_stacklevel())
             if fp32_after_route:
                 fp32_after_routes(cap.gm, chain, resolved)
         cap.gm.graph.lint()
@@ -125,6 +126,14 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
     log.info("routefx: captured %s (%d blocks, %d routes) in %.2fs", type(model).__name__,
              len(chain), len(plans), rg.seconds)
     return rg
+
+
+def _user_stacklevel() -> int:
+    """`warnings.warn` stacklevel of the innermost frame outside routefx and torch (the user's call)."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _verify(cap, example, n_routes):

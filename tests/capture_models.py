@@ -161,3 +161,11 @@ class PerSampleLoop(Base):
     def prep(self, x):
         h = self.tokens(x)
         return torch.stack([h[i] * (1 + 0.1 * i) for i in range(x.shape[0])])
+
+
+class PerSampleJoin(Base):
+    """Z-Image's way: per sample, image tokens then text concatenated (dim 0), then stacked."""
+
+    def prep(self, x, text):
+        h = self.tokens(x)
+        return torch.stack([torch.cat([h[i], text[i]]) for i in range(h.shape[0])])

@@ -35,6 +35,15 @@ What each block takes and returns, read from diffusers 0.42.1 (models/transforme
 | Wan (WanTransformerBlock) | hidden_states (arg 0) | encoder_hidden_states (arg 1, cross-attn) | h | rotary_emb (cos, sin) (1, N, 1, d): broadcast over the batch |
 | LTX (LTXVideoTransformerBlock) | hidden_states | encoder_hidden_states (cross-attn; its mask is per text token) | h | image_rotary_emb (cos, sin) (B, N, D) |
 | QwenImage (QwenImageTransformerBlock) | hidden_states | encoder_hidden_states (joint, text first; mask per text token) | (enc, h) | image_rotary_emb = (img_freqs (N, d/2) complex, txt_freqs (T, d/2)): unbatched, separate per stream |
+| SD3.5 (JointTransformerBlock, use_dual_attention) | hidden_states (also attn2: self-attn on the image only) | encoder_hidden_states (joint, image first) | (enc, h); last: (None, h) | - |
+| CogVideoX (CogVideoXBlock) | hidden_states | encoder_hidden_states (joint, text first; ff on cat [text, image]) | (h, enc) | - (2b: learned positions added by patch_embed) |
+| CogVideoX/rope | as CogVideoX | as CogVideoX | (h, enc) | image_rotary_emb (cos, sin) unbatched (N, d), applied to q/k[:, :, T:] only |
+| Mochi (MochiTransformerBlock) | hidden_states | encoder_hidden_states (joint, image first, per-sample valid text; last block context_pre_only) | (h, enc) | image_rotary_emb (cos, sin) unbatched (N, H, d/2), image q/k only |
+| Allegro (AllegroTransformerBlock) | hidden_states | encoder_hidden_states (cross-attn) | h | image_rotary_emb = ((t, h, w) (cos, sin) per-axis frequency tables: NOT per token), (pos_t, pos_h, pos_w) each (1, N): per-token position ids, broadcast over the batch |
+| Chroma (ChromaTransformerBlock) | hidden_states | encoder_hidden_states (joint, text first) | (enc, h) | image_rotary_emb (cos, sin) unbatched (T + N, d), text rows first |
+| Chroma single (ChromaSingleTransformerBlock) | hidden_states = cat([text, image]) built by the root forward | its first T tokens | the combined tensor | image_rotary_emb as above |
+| Flux2 (Flux2TransformerBlock) | hidden_states | encoder_hidden_states (joint, text first) | (enc, h) | image_rotary_emb = concat (cos, sin) unbatched (T + N, d), text rows first |
+| Flux2 single (Flux2SingleTransformerBlock, encoder_hidden_states=None) | hidden_states = cat([text, image]) built by the root forward | its first T tokens | the combined tensor | image_rotary_emb as above |
 
 An unbatched table can follow one selection only: those models route with ONE index set for the
 batch (`shared`, ids rows identical; the table is gathered with ids[0]). A (1, N, ...) table that
@@ -92,6 +101,7 @@ class Family:
     out_image: int | None = None   # index of the image tensor in the returned tuple; None: returns h
     table: str | None = None       # parameter name of the per-token table
     table_kind: str | None = None  # "image_rows" | "text_then_image" | "per_sample" | "first_image_rows"
+    #                                | "allegro_positions"
     joined: bool = False
     has_text: bool = True
     skip: bool = False             # takes a long skip `skip` (B, N, D) (HunyuanDiT)
@@ -118,6 +128,20 @@ FAMILIES = {
     "LTXVideoTransformer3DModel": {"transformer_blocks": Family(table="image_rotary_emb", table_kind="per_sample")},
     "QwenImageTransformer2DModel": {"transformer_blocks": Family(out_image=1, table="image_rotary_emb",
                                                                  table_kind="first_image_rows")},
+    "SD3.5Transformer2DModel": {"transformer_blocks": Family(out_image=1)},
+    "CogVideoXTransformer3DModel": {"transformer_blocks": Family(out_image=0)},
+    "CogVideoXTransformer3DModel/rope": {"transformer_blocks": Family(out_image=0, table="image_rotary_emb",
+                                                                      table_kind="image_rows")},
+    "MochiTransformer3DModel": {"transformer_blocks": Family(out_image=0, table="image_rotary_emb",
+                                                             table_kind="image_rows")},
+    "AllegroTransformer3DModel": {"transformer_blocks": Family(table="image_rotary_emb",
+                                                               table_kind="allegro_positions")},
+    "ChromaTransformer2DModel": {
+        "transformer_blocks": Family(out_image=1, table="image_rotary_emb", table_kind="text_then_image"),
+        "single_transformer_blocks": Family(joined=True, table="image_rotary_emb", table_kind="text_then_image")},
+    "Flux2Transformer2DModel": {
+        "transformer_blocks": Family(out_image=1, table="image_rotary_emb", table_kind="text_then_image"),
+        "single_transformer_blocks": Family(joined=True, table="image_rotary_emb", table_kind="text_then_image")},
 }
 
 
@@ -143,6 +167,9 @@ def text_len(model, name, args, kwargs) -> int:
         return args[1].shape[1]
     if name == "WanTransformer3DModel":
         return args[2].shape[1]
+    if name in ("CogVideoXTransformer3DModel", "CogVideoXTransformer3DModel/rope", "MochiTransformer3DModel",
+                "AllegroTransformer3DModel"):
+        return args[1].shape[1]
     return kwargs["encoder_hidden_states"].shape[1]
 
 
@@ -169,7 +196,7 @@ def _set_image(fam, arguments, new, t_len):
         arguments["hidden_states"] = new
 
 
-def _gather_table(fam, arguments, ids):
+def _gather_table(fam, arguments, ids, t_len):
     if fam.table is None or arguments.get(fam.table) is None:
         return
     tab = arguments[fam.table]
@@ -178,10 +205,13 @@ def _gather_table(fam, arguments, ids):
     elif fam.table_kind == "first_image_rows":    # (img (N, d/2), txt (T, d/2)): only the image table
         new = (_rows(tab[0], ids), tab[1])
     elif fam.table_kind == "text_then_image":     # (cos, sin), each (T + N, d), text rows first
-        t = arguments["encoder_hidden_states"].shape[1]
+        t = t_len if fam.joined else arguments["encoder_hidden_states"].shape[1]
         new = tuple(torch.cat([x[:t], _rows(x[t:], ids)], dim=0) for x in tab)
     elif fam.table_kind == "per_sample":          # (cos, sin), each (B or 1, N, ...)
         new = tuple(gather(x, ids) for x in tab)
+    elif fam.table_kind == "allegro_positions":   # (per-axis freqs: untouched, (pos_t, pos_h, pos_w) each (1, N))
+        freqs, pos = tab
+        new = (freqs, tuple(gather(p, ids) for p in pos))
     else:
         raise AssertionError(fam.table_kind)
     arguments[fam.table] = type(tab)(new) if isinstance(tab, (tuple, list)) else new
@@ -232,7 +262,7 @@ def tread_hooks(model, name, chain, start, end, ids, ratio, t_len, record=True, 
                 ref.saved = full
                 _set_image(fam, a, gather(full, ids), t_len)
             if start <= i <= end:
-                _gather_table(fam, a, ids)
+                _gather_table(fam, a, ids, t_len)
                 if fam.skip and a.get("skip") is not None and a["skip"].shape[1] != n_keep:
                     a["skip"] = gather(a["skip"], ids)          # produced before the route
             elif i > end and fam.skip and a.get("skip") is not None and a["skip"].shape[1] == n_keep:

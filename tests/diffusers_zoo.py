@@ -37,7 +37,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["build", "sample", "block_names", "dims", "NAMES", "TEN", "CASES", "BLOCKS", "ZEROED", "inputs_only"]
+__all__ = ["build", "sample", "block_names", "dims", "NAMES", "TEN", "MORE", "SKIP", "CASES", "BLOCKS", "ZEROED", "inputs_only"]
 
 CASES = ("text8", "text_eq_tokens", "hidden_eq_tokens")
 ZEROED: dict = {}
@@ -468,6 +468,10 @@ NAMES = list(_REGISTRY)
 TEN = ["DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
        "HunyuanDiT2DModel", "AuraFlowTransformer2DModel", "CogView4Transformer2DModel", "WanTransformer3DModel",
        "LTXVideoTransformer3DModel", "QwenImageTransformer2DModel"]
+# more classes the routing tests cover (AllegroTransformer3DModel has no "hidden_eq_tokens" config: `SKIP`)
+MORE = ["SD3.5Transformer2DModel", "CogVideoXTransformer3DModel", "CogVideoXTransformer3DModel/rope",
+        "MochiTransformer3DModel", "AllegroTransformer3DModel", "ChromaTransformer2DModel", "Flux2Transformer2DModel"]
+SKIP = {("AllegroTransformer3DModel", "hidden_eq_tokens")}  # (name, case) pairs with no config
 
 # block containers in call order (the chain a route indexes, read from each class's forward)
 _TWO = ["transformer_blocks", "single_transformer_blocks"]

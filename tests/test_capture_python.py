@@ -8,7 +8,7 @@ import torch
 
 import routefx
 from capture_models import (D, Asserts, Base, DeviceAndDtype, Factories, ListTimesBatch, MappingDataclassOutput,
-                            Output, PerSampleLoop, Range, Round, SetItemAfter, SetItemPrefix, Slice, Tolist)
+                            Output, PerSampleJoin, PerSampleLoop, Range, Round, SetItemAfter, SetItemPrefix, Slice, Tolist)
 from routefx.errors import CaptureError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +84,13 @@ def test_output_object_keeps_its_type_and_fields():
 def test_tokens_assigned_after_the_image_are_refused():
     with pytest.raises(routefx.RouteError, match="AFTER the image tokens.*protect="):
         routefx.apply(SetItemAfter(), [ROUTE])(*_inputs("SetItemAfter"))
+
+
+def test_image_joined_with_another_input_in_an_unfollowed_way_is_refused():
+    """Text joined to the image tokens per sample (`cat` along dim 0 then `stack`, as Z-Image does
+    with `pad_sequence`) would be routed with them: refused, naming the join."""
+    with pytest.raises(routefx.RouteError, match="joining the image tokens with another input's values at .*cat"):
+        routefx.apply(PerSampleJoin(), [ROUTE])(*_inputs("SetItemX"))
 
 
 def test_asserts_on_values_still_check_at_run_time():

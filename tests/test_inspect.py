@@ -132,3 +132,16 @@ def test_inputs_spec_and_bad_spec():
     with pytest.raises(routefx.RouteError, match="NAME=2x4x32x32"):
         parse_inputs(["x2x4"])
     assert main(["backbones/dit.py", "--factory", "DiT-T/2", "--route", "1-4"]) == 2
+
+
+def test_cli_on_a_stock_diffusers_transformer():
+    """docs/examples/flux_tiny.py builds a tiny FluxTransformer2DModel: inspect shows its two block
+    types as one chain and routes image tokens only (the README's diffusers section)."""
+    r = run_cli("docs/examples/flux_tiny.py", "--route", "1,2,0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [b["module"] for b in rep["chain"]] == ["transformer_blocks.0", "transformer_blocks.1",
+                                                   "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    route = rep["routes"][0]
+    assert route["num_tokens"] == 64 and route["kept_tokens"] == 32 and route["shared_indices"] is True
+    assert [g["kind"] for g in route["gathered"]] == ["token", "table0", "table0"]
