@@ -105,6 +105,8 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
             streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode, shared_indices)
         with _stage("insert_routes"):
             plans = insert_routes(cap.gm, chain, streams, resolved, control, streams.shared)
+            if fp32_after_route:
+                fp32_after_routes(cap.gm, chain, resolved)
         if streams.shared_because is not None and plans:
             u = streams.shared_because
             warnings.warn(f"routefx: every route of {type(model).__name__} draws ONE index set for the whole "
@@ -112,8 +114,6 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
                           f"{tuple(u.meta['routefx']['spec'].shape)} has no batch dim, so it can follow only one "
                           f"selection. Pass shared_indices=True to say this is intended (no warning), or "
                           f"shared_indices=False to refuse instead.", stacklevel=_user_stacklevel())
-            if fp32_after_route:
-                fp32_after_routes(cap.gm, chain, resolved)
         cap.gm.graph.lint()
         cap.gm.recompile()
         user_generator, control.generator = control.generator, None  # verifying must not draw from it
