@@ -55,27 +55,13 @@ import inspect
 
 import torch
 
+from helpers import gather, scatter  # noqa: F401 - part of this module's interface
+
 __all__ = ["FAMILIES", "Family", "tread_hooks", "text_len", "image_of", "text_of", "gather", "scatter",
            "selection"]
 
 
 # ------------------------------------------------------------------------------ tensor helpers
-
-def _index(ids, like):
-    return ids.view(*ids.shape, *(1,) * (like.dim() - 2)).expand(*ids.shape, *like.shape[2:])
-
-
-def gather(x, ids):
-    """x (B or 1, N, ...) -> (B, n_keep, ...): per-sample rows of the token dim (dim 1)."""
-    if x.shape[0] != ids.shape[0]:
-        x = x.expand(ids.shape[0], *x.shape[1:])
-    return x.gather(1, _index(ids, x))
-
-
-def scatter(base, ids, kept):
-    """Out of place: `base` with the rows `ids` of its token dim replaced by `kept`."""
-    return base.scatter(1, _index(ids, kept), kept)
-
 
 def selection(batch, n, ratio, shared):
     """TREAD's selector (README "Route semantics"): rand -> argsort -> first n_keep -> sorted."""

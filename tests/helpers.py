@@ -31,6 +31,22 @@ def kept_ids(batch, n, ratio, generator=None):
     return torch.rand(batch, n, generator=generator).argsort(dim=1)[:, :n_keep].sort(dim=1).values
 
 
+def _index(ids, like):
+    return ids.view(*ids.shape, *(1,) * (like.dim() - 2)).expand(*ids.shape, *like.shape[2:])
+
+
+def gather(x, ids):
+    """x (B or 1, N, ...) -> (B, n_keep, ...): per-sample rows of the token dim (dim 1)."""
+    if x.shape[0] != ids.shape[0]:
+        x = x.expand(ids.shape[0], *x.shape[1:])
+    return x.gather(1, _index(ids, x))
+
+
+def scatter(base, ids, kept):
+    """Out of place: `base` with the rows `ids` of its token dim replaced by `kept`."""
+    return base.scatter(1, _index(ids, kept), kept)
+
+
 def _take(x, ids):
     return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
 

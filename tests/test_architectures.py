@@ -21,6 +21,7 @@ import routefx
 from routefx import RouteError
 from routefx.backbones import create, example_inputs
 from routefx.backbones.uvit import timestep_embedding, unpatchify
+from helpers import gather, scatter
 
 ATOL = 1e-5
 RATIOS = [0.1, 0.25, 0.5, 0.75, 0.9]
@@ -38,20 +39,6 @@ def kept_ids(batch, n, ratio, protect=0):
     if protect:
         ids = torch.cat([torch.arange(protect).expand(batch, protect), ids + protect], dim=1)
     return ids
-
-
-def _index(ids, like):
-    return ids.view(*ids.shape, *(1,) * (like.dim() - 2)).expand(*ids.shape, *like.shape[2:])
-
-
-def gather(x, ids):
-    if x.shape[0] != ids.shape[0]:
-        x = x.expand(ids.shape[0], *x.shape[1:])
-    return x.gather(1, _index(ids, x))
-
-
-def scatter(base, ids, kept):
-    return base.scatter(1, _index(ids, kept), kept)
 
 
 def randomize(model, std=0.1, seed=0):
