@@ -34,7 +34,7 @@ from routefx._tree import TensorSlot, flatten
 from routefx.errors import INSPECT_HINT, CaptureError
 from routefx.ops import check_assert, check_guard, setitem
 
-__all__ = ["Captured", "capture", "TensorSpec", "user_frame"]
+__all__ = ["Captured", "capture", "TensorSpec", "user_frame", "reads_only_metadata"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)
@@ -287,18 +287,26 @@ def _not_tracing():
         put(prev)
 
 
-_SHAPE_METHODS = ("size", "dim", "numel", "nelement", "stride")
+# read only the shape / dtype / device of their tensor argument, never its values
+_METADATA_METHODS = ("size", "dim", "numel", "nelement", "stride", "new_zeros", "new_ones", "new_empty",
+                     "new_full")
+_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                       torch.randn_like}
 
 
-def _is_metadata_read(node) -> bool:
-    """`x.shape`, `x.size()`, `x.dim()`, ...: reads metadata of `x`, not its values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or \
-        (node.op == "call_method" and node.target in _SHAPE_METHODS)
+def reads_only_metadata(v: fx.Node, u: fx.Node) -> bool:
+    """`v` reads only metadata of its input `u` (`u.shape`, `u.size()`, `u.new_zeros(...)`, ...),
+    not its values: that edge is not dataflow."""
+    if _is_shape(v):
+        return True
+    if v.op == "call_function" and v.target in _METADATA_FUNCTIONS:
+        return bool(v.args) and v.args[0] is u
+    return v.op == "call_method" and v.target in _METADATA_METHODS and v.args[0] is u
 
 
 def _reads_data(node, op: str = "placeholder") -> bool:
     """Whether the value of `node` depends on the VALUES of a graph input (`op="get_attr"`: of a
-    parameter or buffer); shape reads are metadata, not dataflow."""
+    parameter or buffer); metadata reads are not dataflow."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
@@ -306,8 +314,7 @@ def _reads_data(node, op: str = "placeholder") -> bool:
             if n.op == op:
                 return True
             seen.add(n)
-            if not _is_metadata_read(n):
-                todo += n.all_input_nodes
+            todo += [u for u in n.all_input_nodes if not reads_only_metadata(n, u)]
     return False
 
 

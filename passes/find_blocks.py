@@ -14,11 +14,11 @@ import dataclasses
 from collections import Counter
 
 import networkx as nx
-import torch
 import torch.fx as fx
 from torch import nn
 
 from routefx.errors import INSPECT_HINT, RouteError
+from .capture import reads_only_metadata
 
 __all__ = ["Chain", "block_candidates", "explicit_blocks", "find_chain", "dataflow_graph"]
 
@@ -72,22 +72,6 @@ def explicit_blocks(model: nn.Module, blocks) -> list:
     return out
 
 
-# read only the shape / dtype / device of their tensor argument, never its values
-_METADATA_METHODS = ("size", "dim", "numel", "nelement", "stride", "new_zeros", "new_ones", "new_empty",
-                     "new_full")
-_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
-                       torch.randn_like}
-
-
-def _reads_metadata_of(v: fx.Node, u: fx.Node) -> bool:
-    """`v` reads only metadata of `u` (`u.shape`, `u.size()`, `u.new_zeros(...)`, ...), not its values."""
-    if v.op == "call_function" and v.target is getattr and v.args[1] == "shape":
-        return True
-    if v.op == "call_function" and v.target in _METADATA_FUNCTIONS:
-        return bool(v.args) and v.args[0] is u
-    return v.op == "call_method" and v.target in _METADATA_METHODS and v.args[0] is u
-
-
 def dataflow_graph(graph: fx.Graph, data_only: bool = False) -> nx.DiGraph:
     """Directed graph with an edge u -> v for every input u of node v; `data_only` leaves out the
     edges of shape reads (metadata is not dataflow: `torch.ones(x.shape[0])` does not carry `x`)."""
@@ -95,7 +79,7 @@ def dataflow_graph(graph: fx.Graph, data_only: bool = False) -> nx.DiGraph:
     for node in graph.nodes:
         g.add_node(node)
         for u in node.all_input_nodes:
-            if not (data_only and _reads_metadata_of(node, u)):
+            if not (data_only and reads_only_metadata(node, u)):
                 g.add_edge(u, node)
     return g
 

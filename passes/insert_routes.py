@@ -85,10 +85,10 @@ def _check_route(chain, streams, i, route):
     s, e = route.start, route.end
     if streams.failed_at is not None and streams.failed_at[0] <= e:
         b, err = streams.failed_at
-        where = "fails" if s <= b else "sits before this route and fails"
+        where, line = "fails" if s <= b else "sits before this route and fails", user_frame(err.__traceback__)
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
-                         f"{where} when it gets fewer tokens than it was traced with, at {user_frame(err.__traceback__)}: "
-                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err)} routefx "
+                         f"{where} when it gets fewer tokens than it was traced with, at {line}: "
+                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line)} routefx "
                          f"follows the token stream with fewer tokens through the chain, so it cannot see past "
                          f"that block: use routes that end before block {b}. {INSPECT_HINT}") from err
     if streams.ambiguous:
@@ -102,9 +102,9 @@ def _check_route(chain, streams, i, route):
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
 
 
-def _probe_cause(err) -> str:
-    """The likely reason a block fails on fewer tokens, from what failed."""
-    text = f"{err} {user_frame(err.__traceback__)}"
+def _probe_cause(err, line: str) -> str:
+    """The likely reason a block fails on fewer tokens, from the error and the model line."""
+    text = f"{err} {line}"
     if any(w in text for w in ("unflatten", "view(", "reshape", "is invalid for input of size", "shape '[")):
         return ("The block reshapes its tokens to a fixed layout (an (H, W) grid for a convolution, or "
                 "frames): it cannot run on a subset of them.")

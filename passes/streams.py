@@ -115,27 +115,25 @@ def _value(a, values):
     return values[a] if isinstance(a, fx.Node) else a
 
 
-def _assigned_span(node, values):
-    """(start, stop) along dim 1 of `setitem(x, (:, start:stop), v)`, or None."""
-    key = node.args[1]
+def _dim1_slice(key, length, value=lambda a: a):
+    """(start, stop, step) of a key `(:, a:b)` that slices dim 1 of a tensor with `length` tokens
+    there (`value` resolves traced bounds), or None."""
     if not (isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) and isinstance(key[1], slice)):
         return None
-    n = values[node].shape[1]
-    start, stop, _ = slice(_value(key[1].start, values), _value(key[1].stop, values)).indices(n)
-    return start, stop
+    return slice(value(key[1].start), value(key[1].stop), value(key[1].step)).indices(length)
+
+
+def _assigned_span(node, values):
+    """(start, stop) along dim 1 of `setitem(x, (:, start:stop), v)`, or None."""
+    span = _dim1_slice(node.args[1], values[node].shape[1], lambda a: _value(a, values))
+    return span and span[:2]
 
 
 def _sliced_front(node, values):
     """a of `x[:, a:b]` (the tokens a slice along dim 1 drops in front), or None."""
-    key = node.args[1]
-    if not (isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) and isinstance(key[1], slice)):
-        return None
     src = values.get(node.args[0])
-    if not isinstance(src, torch.Tensor):
-        return None
-    start, _, step = slice(_value(key[1].start, values), _value(key[1].stop, values),
-                           _value(key[1].step, values)).indices(src.shape[1])
-    return start if step == 1 else None
+    span = isinstance(src, torch.Tensor) and _dim1_slice(node.args[1], src.shape[1], lambda a: _value(a, values))
+    return span[0] if span and span[2] == 1 else None
 
 
 def _detect_prefix(primary, from_src, values, used: set = None, spine: dict = None) -> int:
@@ -174,11 +172,10 @@ def _detect_prefix(primary, from_src, values, used: set = None, spine: dict = No
 _JOINS = _CATS | {torch.stack, setitem}
 
 
-def _refuse_other_joins(gm, primary, from_src, source, understood):
+def _refuse_other_joins(gm, data, primary, from_src, source, understood):
     """Refuse a stream whose tokens were joined with another input's values in a way the prefix
     detection did not follow (per-sample `torch.cat` then `pad_sequence`, text after the image...):
-    routing it would route those tokens too, silently."""
-    data = dataflow_graph(gm.graph, data_only=True)
+    routing it would route those tokens too, silently. `data`: the value-only dataflow graph."""
     others = [n for n in gm.graph.nodes if n.op == "placeholder" and n is not source]
     from_others = set().union(*(nx.descendants(data, n) | {n} for n in others)) if others else set()
     for node in nx.ancestors(data, primary) | {primary}:
@@ -202,11 +199,8 @@ def _slices_off_the_image(n, spine, values) -> bool:
     even when it happens to be as long."""
     if n in spine or not (n.op == "call_function" and n.target is operator.getitem and n.args[0] in spine):
         return False
-    src = values.get(n.args[0])
     cut = _sliced_front(n, values)
-    if cut is None or not isinstance(src, torch.Tensor):
-        return False
-    return cut != spine[n.args[0]]  # the stream's tokens start there in x; another window is not it
+    return cut is not None and cut != spine[n.args[0]]  # the stream starts at spine[x]: another window is not it
 
 
 def _token_axis_step(node, from_src, values):
@@ -257,7 +251,8 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     source = inputs[0]
     # values computed from the image's VALUES: reading its shape (`text.view(b, -1, x.shape[-1])`) is not
-    from_src = nx.descendants(dataflow_graph(gm.graph, data_only=True), source) | {source}
+    data = dataflow_graph(gm.graph, data_only=True)
+    from_src = nx.descendants(data, source) | {source}
     block0 = chain.nodes[0]
     cands = [u for u in flat_inputs(block0) if u in from_src and isinstance(values.get(u), torch.Tensor)
              and values[u].dim() >= 3]
@@ -268,19 +263,20 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     primary = cands[0]
     batch, n_total = values[primary].shape[:2]
     understood, spine = set(), {}
-    k = _detect_prefix(primary, from_src, values, understood, spine) if protect is None else int(protect)
     if protect is None:
-        _refuse_other_joins(gm, primary, from_src, source, understood)
+        k = _detect_prefix(primary, from_src, values, understood, spine)
+        _refuse_other_joins(gm, data, primary, from_src, source, understood)
+    else:  # the user's count stands; the walk only records the stream's windows (`spine`)
+        k = int(protect)
+        try:
+            _detect_prefix(primary, from_src, values, spine=spine)
+        except RouteError:
+            pass
     if not 0 <= k < n_total:
         raise RouteError(f"protect={k} must be in [0, {n_total}) (the stream has {n_total} tokens).")
     derived = set().union(*(nx.descendants(g, p) | {p} for p in inputs))
     streams = Streams(source, primary, batch, n_total, k, derived)
     after0 = nx.descendants(g, block0)
-    if protect is not None:  # (the user's count stands; the walk only records the stream's windows)
-        try:
-            _detect_prefix(primary, from_src, values, spine=spine)
-        except RouteError:
-            pass
     for n in gm.graph.nodes:
         if n not in after0:
             ok = n in from_src and _label(values.get(n), batch, n_total) is True and \
@@ -290,7 +286,7 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     tables = [u for v in region for u in v.all_input_nodes if u not in region and token_kind(u, streams) == "table0"]
     streams.shared = bool(tables) if shared is None else bool(shared)
     streams.shared_because = tables[0] if tables and shared is None else None
-    _probe(gm, chain, g, streams, values, example, mode, streams.shared)
+    _probe(gm, chain, g, region, streams, values, example, mode, streams.shared)
     return streams
 
 
@@ -365,13 +361,10 @@ class _Probe(fx.Interpreter):
             return False
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.labels:
             p, s = _offsets(self.labels[n.args[0]])
-            key = n.args[1]
-            if p is not None and isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) \
-                    and isinstance(key[1], slice):
-                start, stop, step = slice(*(self.env[a] if isinstance(a, fx.Node) else a for a in (
-                    key[1].start, key[1].stop, key[1].step))).indices(self.env[n.args[0]].shape[1])
-                if step == 1 and start <= p and stop >= p + keep:
-                    return _as_label(p - start, stop - p - keep)
+            span = p is not None and _dim1_slice(n.args[1], self.env[n.args[0]].shape[1],
+                                                 lambda a: self.env[a] if isinstance(a, fx.Node) else a)
+            if span and span[2] == 1 and span[0] <= p and span[1] >= p + keep:
+                return _as_label(p - span[0], span[1] - p - keep)
             return False
         for u in n.all_input_nodes:
             p, s = _offsets(self.labels.get(u, False))
@@ -432,51 +425,44 @@ def _cat_dim(node, value):
     return dim % value.dim()
 
 
-def _probe(gm, chain, g, streams, values, example, mode, shared):
+def _probe(gm, chain, g, region, streams, values, example, mode, shared):
     """Run the chain at two token counts no tensor has; a value is part of the stream iff it
     shows the count both times, at the same offset (a text stream of length N never does)."""
-    first, last = chain.nodes[0], chain.nodes[-1]
-    region = span_region(g, first, last)
-    after0 = nx.descendants(g, first) | {first}
+    after0 = nx.descendants(g, chain.nodes[0]) | {chain.nodes[0]}
     keeps = _probe_counts(streams.num_tokens, streams.protect, values)
-    keep0 = keeps[0]
-    first = _Probe(gm, region, after0, streams, keep0, shared)
     skip, labels = set(), []
-    if _run_probe(first, example, mode):
-        labels, keeps = [first.labels], keeps[1:]
-    else:
-        skip = _not_per_token(gm, region, after0, streams, keep0, shared, example, mode)
-    for keep in keeps:
+    for i, keep in enumerate(keeps):
         probe = _Probe(gm, region, after0, streams, keep, shared)
         probe.skip = skip
-        try:
-            with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
-                probe.run(*example)
-        except _Stop:
-            labels.append(probe.labels)
-            continue
-        except Exception as e:  # noqa: BLE001 - remembered, reported by routes that need this block
+        err = _run_probe(probe, example, mode)
+        if err is not None and i == 0 and not skip:  # the default reading fails: decide by behaviour
+            skip = _not_per_token(gm, region, after0, streams, keep, shared, example, mode)
+            probe = _Probe(gm, region, after0, streams, keep, shared)
+            probe.skip = skip
+            err = _run_probe(probe, example, mode)
+        labels.append(probe.labels)  # on a failure, what ran before the failing block still counts
+        if err is not None:
             failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
                                        key=lambda n: n.meta["routefx"]["block"], default=None)
-            streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, e)
-            labels.append(probe.labels)  # what ran before the failing block still counts
+            streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, err)
             break
     for n in region:
         seen = [lab[n] for lab in labels if n in lab]
         n.meta.setdefault("routefx", {})["token"] = seen[0] if seen and all(x == seen[0] for x in seen) else False
     if streams.failed_at is None and mode is not None and not shared:
-        _check_per_sample_tables(gm, region, after0, streams, keep0, values, example, mode)
+        _check_per_sample_tables(gm, region, after0, streams, keeps[0], values, example, mode)
 
 
-def _run_probe(probe, example, mode) -> bool:
+def _run_probe(probe, example, mode):
+    """None if the probe ran to the end of the span, else the exception it raised."""
     try:
         with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
             probe.run(*example)
     except _Stop:
-        return True
-    except Exception:  # noqa: BLE001 - the caller decides what a failure means
-        return False
-    return True
+        return None
+    except Exception as e:  # noqa: BLE001 - the caller decides what a failure means
+        return e
+    return None
 
 
 def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> set:
@@ -490,13 +476,13 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
     per-token (rotary tables with a batch dim; `meta['routefx']['per_token']`). Two such sets of
     the same size are ambiguous: `streams.ambiguous`, and the routes are refused.
     """
-    def runs(skip=(), extra=()):  # (the caller saw the default fail)
+    def runs(skip=(), extra=()):  # (the caller saw the default reading fail)
         for u in extra:
             u.meta["routefx"]["per_token"] = True
         trial = _Probe(gm, region, after0, streams, keep, shared)
         trial.skip = set(skip)
         try:
-            return _run_probe(trial, example, mode), trial
+            return _run_probe(trial, example, mode) is None
         finally:
             for u in extra:
                 u.meta["routefx"].pop("per_token", None)
@@ -508,13 +494,13 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
         if token_kind(u, streams) in ("table0", "table1", "broadcast"):
             groups.setdefault(_fetch_value(gm, u) if u.op == "get_attr" else u, []).append(u)
     for group in groups.values():
-        if runs(skip=set(group))[0]:
+        if runs(skip=set(group)):
             for u in group:
                 u.meta.setdefault("routefx", {})["not_per_token"] = True
             return set(group)
     cands = [u for u in entering if _per_token_shaped(u, streams)]
     for size in range(1, min(len(cands), 3) + 1):
-        working = [c for c in itertools.combinations(cands, size) if runs(extra=c)[0]]
+        working = [c for c in itertools.combinations(cands, size) if runs(extra=c)]
         if len(working) == 1:
             for u in working[0]:
                 u.meta["routefx"]["per_token"] = True
@@ -527,10 +513,10 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
 
 def _fetch_value(gm, node):
     """Identity of the tensor a `get_attr` node reads (fx makes one attribute per constant use)."""
-    obj = gm
-    for atom in node.target.split("."):
-        obj = getattr(obj, atom)
-    return id(obj) if not isinstance(obj, torch.Tensor) else (obj.data_ptr() if obj.device.type != "meta" else id(obj), tuple(obj.shape))
+    obj = operator.attrgetter(node.target)(gm)
+    if not isinstance(obj, torch.Tensor):
+        return id(obj)
+    return (obj.data_ptr() if obj.device.type != "meta" else id(obj)), tuple(obj.shape)
 
 
 def _per_token_shaped(u, streams) -> bool:
