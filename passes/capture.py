@@ -16,10 +16,13 @@ needs real values raises `_LeafNeedsRealValues` and the caller captures again wi
 import contextlib
 import dataclasses
 import dis
+import functools
 import inspect
+import linecache
 import math
 import operator
 import os
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -33,6 +36,7 @@ from torch.fx.proxy import Attribute
 from routefx._tree import TensorSlot, flatten
 from routefx.errors import INSPECT_HINT, CaptureError
 from routefx.ops import check_assert, check_guard, setitem
+from .fake_run import fake_run
 
 __all__ = ["Captured", "capture", "TensorSpec", "user_frame", "reads_only_metadata"]
 
@@ -86,6 +90,18 @@ def user_frame(tb=None) -> str:
     return "<unknown location>"
 
 
+def _caller() -> str:
+    """`user_frame()` of the current call, cheaply (walks frames, reads one source line)."""
+    frame = sys._getframe(1)
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown location>"
+    code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}: `{code}`"
+
+
+@functools.lru_cache(maxsize=None)
 def _internal(filename: str) -> bool:
     path = os.path.abspath(filename)
     return path.startswith(_INTERNAL) or any(
@@ -170,6 +186,8 @@ class ShadowTracer(fx.Tracer):
         if kind == "call_function" and target is torch._assert:  # a check on values: kept, fake-safe
             target, args = check_assert, (args[0], f"{user_frame()} ({args[1] if len(args) > 1 else ''})")
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind not in ("placeholder", "output", "get_attr"):  # the model line, for error messages
+            node.meta.setdefault("routefx", {})["at"] = _caller()
         if kind not in ("placeholder", "output"):  # every node, get_attr of buffers included
             self.values[node] = self._run(node, kind, target, args, kwargs)
         return node
@@ -226,7 +244,9 @@ class ShadowTracer(fx.Tracer):
                 return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
             if kind == "call_module":  # a leaf: opaque, its code may branch on data
                 try:
-                    return self.root.get_submodule(target)(*cargs, **ckwargs)
+                    leaf = self.root.get_submodule(target)
+                    with fake_run(leaf, self.mode):
+                        return leaf(*cargs, **ckwargs)
                 except _NEEDS_REAL as e:
                     if self.mode is None:
                         raise

@@ -84,11 +84,16 @@ def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control, sha
 def _check_route(chain, streams, i, route):
     s, e = route.start, route.end
     if streams.failed_at is not None and streams.failed_at[0] <= e:
-        b, err = streams.failed_at
-        where, line = "fails" if s <= b else "sits before this route and fails", user_frame(err.__traceback__)
-        raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: block {b} ('{chain.names[min(b, len(chain) - 1)]}') "
+        b, err, node = streams.failed_at
+        where = "fails" if s <= b else "sits before this route and fails"
+        name = chain.names[min(b, len(chain) - 1)]
+        if node is not None and "block" not in node.meta.get("routefx", {}):  # the model's own code
+            what, line = f"the model's own code before block {b} ('{name}')", node.meta["routefx"].get("at", "?")
+        else:
+            what, line = f"block {b} ('{name}')", user_frame(err.__traceback__)
+        raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: {what} "
                          f"{where} when it gets fewer tokens than it was traced with, at {line}: "
-                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line)} routefx "
+                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line, what)} routefx "
                          f"follows the token stream with fewer tokens through the chain, so it cannot see past "
                          f"that block: use routes that end before block {b}. {INSPECT_HINT}") from err
     if streams.ambiguous:
@@ -102,12 +107,13 @@ def _check_route(chain, streams, i, route):
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
 
 
-def _probe_cause(err, line: str) -> str:
+def _probe_cause(err, line: str, what: str) -> str:
     """The likely reason a block fails on fewer tokens, from the error and the model line."""
     text = f"{err} {line}"
     if any(w in text for w in ("unflatten", "view(", "reshape", "is invalid for input of size", "shape '[")):
-        return ("The block reshapes its tokens to a fixed layout (an (H, W) grid for a convolution, or "
-                "frames): it cannot run on a subset of them.")
+        who = "That line" if what.startswith("the model") else "The block"
+        return (f"{who} reshapes the tokens to a fixed layout (an (H, W) grid for a convolution, or "
+                f"frames x patches): it cannot run on a subset of them.")
     if any(w in text for w in ("must match the size", "broadcast")):
         return ("A tensor the block receives still has the full token count: a per-token input (an "
                 "attention mask or bias, a position table) that routefx did not recognise, so it was not "

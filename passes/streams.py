@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import operator
 
 import networkx as nx
@@ -24,6 +25,7 @@ import torch.fx as fx
 
 from routefx.errors import INSPECT_HINT, GuardError, RouteError
 from routefx.ops import gather_table, gather_tokens, select_tokens, setitem
+from .fake_run import fake_run
 from .find_blocks import dataflow_graph
 
 __all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "stream_offsets",
@@ -42,7 +44,7 @@ class Streams:
     num_tokens: int          # N at block 0, prefix included
     protect: int             # prefix tokens never routed
     input_derived: set       # nodes that depend on any model input
-    failed_at: tuple = None  # (block index, exception) if a block cannot run on fewer tokens
+    failed_at: tuple = None  # (block index, exception, node) if the chain cannot run on fewer tokens
     per_sample_tables: tuple = None  # (batch tried, exception) if (1, N, ...) tables fail per sample
     ambiguous: list = None   # sets of (batch, N, ...) inputs that each make the blocks run as per-token
     shared: bool = False     # one index set per batch for every route (see `analyze_streams`)
@@ -229,14 +231,17 @@ def _dims(values: dict) -> set:
     return {d for v in values.values() if isinstance(v, torch.Tensor) for d in v.shape}
 
 
-def _probe_counts(n_total: int, protect: int, values: dict) -> list:
-    """Two token counts (prefix included) that no traced tensor has on any dim; one if only one fits."""
+def _probe_count(n_total: int, protect: int, values: dict) -> int:
+    """A token count (prefix included) that no traced tensor has on any dim, preferably coprime
+    with the model's own counts: a block that regroups its tokens into a fixed layout (frames x
+    patches, an H x W grid) then fails on it rather than running on a mislaid subset."""
     dims = _dims(values)
-    found = [protect + keep for keep in range(n_total - protect - 1, 0, -1) if protect + keep not in dims][:2]
-    if found:
-        return found
-    raise RouteError(f"Too few tokens ({n_total}) to tell the token stream apart from other tensors; "
-                     f"trace with a larger example input. {INSPECT_HINT}")
+    free = [protect + keep for keep in range(n_total - protect - 1, 0, -1) if protect + keep not in dims]
+    if not free:
+        raise RouteError(f"Too few tokens ({n_total}) to tell the token stream apart from other tensors; "
+                         f"trace with a larger example input. {INSPECT_HINT}")
+    coprime = [k for k in free if math.gcd(k, n_total) == 1 and math.gcd(k - protect, n_total - protect) == 1]
+    return (coprime or free)[0]
 
 
 def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None,
@@ -301,18 +306,27 @@ class _Stop(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm, region, after0, streams, keep, shared, batch=None):
+    def __init__(self, gm, region, after0, streams, keep, shared, batch=None, traced=None):
         super().__init__(gm)
+        self.traced = traced  # the trace's values: reused for every node the probe cannot change
         self.region, self.after0, self.streams, self.keep, self.shared = region, after0, streams, keep, shared
         self.batch = batch or streams.batch
         self.check_only = batch is not None  # a second run at another batch size: learn nothing
         self.todo = set(region)  # stop once every node of the span has run
-        self.ids = None
+        self.ids = self.current = None
         self.gathered = {}
         self.labels = {}  # node -> True / tuple / ("joined", p, s) / False, for this token count
         self.skip = set()  # table-shaped inputs not to gather (see `_probe`)
 
+    def run(self, *args):
+        env = None
+        if self.traced is not None:  # nodes outside the span and not after block 0: as traced
+            env = {n: v for n, v in self.traced.items()
+                   if n.op != "placeholder" and n not in self.after0 and n not in self.region}
+        return super().run(*args, initial_env=env)
+
     def run_node(self, n):
+        self.current = n  # the node that raised, if the probe fails
         meta = n.meta.get("routefx", {})
         if meta.get("guard") and meta["guarded"] in self.region:
             try:  # does a value the trace fixed change when blocks see fewer tokens?
@@ -426,37 +440,47 @@ def _cat_dim(node, value):
 
 
 def _probe(gm, chain, g, region, streams, values, example, mode, shared):
-    """Run the chain at two token counts no tensor has; a value is part of the stream iff it
-    shows the count both times, at the same offset (a text stream of length N never does)."""
+    """Run the chain at a token count no tensor has; a value is part of the stream iff it shows
+    that count, and the trace shows the model's own count at the same offsets: two counts, so a
+    size that equals one of them by chance (a text stream of length N) is never taken."""
     after0 = nx.descendants(g, chain.nodes[0]) | {chain.nodes[0]}
-    keeps = _probe_counts(streams.num_tokens, streams.protect, values)
-    skip, labels = set(), []
-    for i, keep in enumerate(keeps):
-        probe = _Probe(gm, region, after0, streams, keep, shared)
-        probe.skip = skip
-        err = _run_probe(probe, example, mode)
-        if err is not None and i == 0 and not skip:  # the default reading fails: decide by behaviour
-            skip = _not_per_token(gm, region, after0, streams, keep, shared, example, mode)
-            probe = _Probe(gm, region, after0, streams, keep, shared)
+    keep = _probe_count(streams.num_tokens, streams.protect, values)
+    probe = _Probe(gm, region, after0, streams, keep, shared, traced=values)
+    err = _run_probe(probe, example, mode)
+    if err is not None:  # the default reading fails: decide by behaviour
+        skip = _not_per_token(gm, region, after0, streams, keep, shared, example, mode, values)
+        if skip or any(u.meta.get("routefx", {}).get("per_token") for u in gm.graph.nodes):
+            probe = _Probe(gm, region, after0, streams, keep, shared, traced=values)
             probe.skip = skip
             err = _run_probe(probe, example, mode)
-        labels.append(probe.labels)  # on a failure, what ran before the failing block still counts
-        if err is not None:
-            failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
-                                       key=lambda n: n.meta["routefx"]["block"], default=None)
-            streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, err)
-            break
+    if err is not None:  # what ran before the failing block still counts
+        failed = probe.env and max((n for n in probe.env if "block" in n.meta.get("routefx", {})),
+                                   key=lambda n: n.meta["routefx"]["block"], default=None)
+        streams.failed_at = ((failed.meta["routefx"]["block"] + 1) if failed else 0, err, probe.current)
     for n in region:
-        seen = [lab[n] for lab in labels if n in lab]
-        n.meta.setdefault("routefx", {})["token"] = seen[0] if seen and all(x == seen[0] for x in seen) else False
+        label = probe.labels.get(n, False)
+        n.meta.setdefault("routefx", {})["token"] = _confirmed(label, values.get(n), streams)
     if streams.failed_at is None and mode is not None and not shared:
-        _check_per_sample_tables(gm, region, after0, streams, keeps[0], values, example, mode)
+        _check_per_sample_tables(gm, region, after0, streams, keep, values, example, mode)
+
+
+def _confirmed(label, traced, streams):
+    """`label` (read at the probe's count) where the traced value shows the model's own count at
+    the same offsets (a tuple: element by element), else False."""
+    if isinstance(label, tuple) and label and label[0] != "joined":
+        if not isinstance(traced, (tuple, list)) or len(traced) != len(label):
+            return False
+        return tuple(_confirmed(a, b, streams) for a, b in zip(label, traced))
+    p, s = _offsets(label)
+    ok = (p is not None and isinstance(traced, torch.Tensor) and traced.dim() >= 2
+          and traced.shape[0] == streams.batch and traced.shape[1] == p + streams.num_tokens + s)
+    return label if ok else False
 
 
 def _run_probe(probe, example, mode):
     """None if the probe ran to the end of the span, else the exception it raised."""
     try:
-        with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor():
+        with torch.no_grad(), mode or contextlib.nullcontext(), _quiet_fake_tensor(), fake_run(probe.module, mode):
             probe.run(*example)
     except _Stop:
         return None
@@ -465,7 +489,7 @@ def _run_probe(probe, example, mode):
     return None
 
 
-def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> set:
+def _not_per_token(gm, region, after0, streams, keep, shared, example, mode, values) -> set:
     """Which side inputs follow the token selection, decided by behaviour where shapes cannot tell.
 
     By default table-shaped inputs (`(S, d)`, `(1, S, ...)`) are gathered with the tokens and
@@ -479,7 +503,7 @@ def _not_per_token(gm, region, after0, streams, keep, shared, example, mode) -> 
     def runs(skip=(), extra=()):  # (the caller saw the default reading fail)
         for u in extra:
             u.meta["routefx"]["per_token"] = True
-        trial = _Probe(gm, region, after0, streams, keep, shared)
+        trial = _Probe(gm, region, after0, streams, keep, shared, traced=values)
         trial.skip = set(skip)
         try:
             return _run_probe(trial, example, mode) is None
@@ -542,7 +566,7 @@ def _check_per_sample_tables(gm, region, after0, streams, keep, values, example,
                   for x in example]
     check = _Probe(gm, region, after0, streams, keep, False, batch=batch)
     try:
-        with torch.no_grad(), mode, _quiet_fake_tensor():
+        with torch.no_grad(), mode, _quiet_fake_tensor(), fake_run(gm, mode):
             check.run(*bigger)
     except _Stop:
         return

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from routefx.passes.capture import _internal, capture
+from routefx.passes.fake_run import fake_run
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
 from routefx.passes.insert_routes import fp32_after_routes, insert_routes
 from routefx.passes.streams import analyze_streams
@@ -140,9 +141,18 @@ def _verify(cap, example, n_routes):
     outputs = [n for n in cap.gm.graph.nodes if n.op == "output"][0].args[0][: -n_routes or None]
     want = [cap.values[n].shape if isinstance(n, fx.Node) and isinstance(cap.values.get(n), torch.Tensor)
             else None for n in outputs]
+    # the nodes in front of the first one the passes added compute what the trace did: not rerun
+    env = {}
+    for n in cap.gm.graph.nodes:
+        if n not in cap.values:
+            if "guard" in n.meta.get("routefx", {}):
+                continue  # a run-time check of a traced value: runs again, on that value
+            break
+        if n.op != "placeholder":
+            env[n] = cap.values[n]
     try:
-        with torch.no_grad(), cap.mode or contextlib.nullcontext():
-            got = cap.gm(*example)
+        with torch.no_grad(), cap.mode or contextlib.nullcontext(), fake_run(cap.gm, cap.mode):
+            got = fx.Interpreter(cap.gm).run(*example, initial_env=env)
     except Exception as e:  # noqa: BLE001
         raise RouteError(f"The routed graph fails on the example inputs: {type(e).__name__}: {e}. A block "
                          f"inside a route may depend on the token count. {INSPECT_HINT}") from e

@@ -3,6 +3,7 @@ test_capture_python.py. Kept out of the test module on purpose: pytest rewrites 
 statements in test files, and routefx must see them as users' code has them."""
 import collections
 import dataclasses
+import functools
 
 import torch
 import torch.nn as nn
@@ -169,3 +170,58 @@ class PerSampleJoin(Base):
     def prep(self, x, text):
         h = self.tokens(x)
         return torch.stack([torch.cat([h[i], text[i]]) for i in range(h.shape[0])])
+
+
+# -- leaf modules that cache what they compute (run on fake tensors during capture) -------------
+
+@functools.lru_cache(maxsize=8)
+def _sincos(n: int, d: int) -> torch.Tensor:  # a module-level cache of a position table
+    pos = torch.arange(n, dtype=torch.float32)[:, None] / (1.0 + torch.arange(d, dtype=torch.float32))
+    return pos.sin()
+
+
+class CachingPos(nn.Module):
+    """A position module that caches its table, `how`: 'lru' (lru_cache on a method), 'module_lru'
+    (a module-level lru_cache function), 'dict' (a dict attribute), 'attr' (a tensor attribute),
+    'buffer' (a buffer registered on first use)."""
+
+    def __init__(self, how, d=D):
+        super().__init__()
+        self.how, self.d = how, d
+        self.freq = 1.0 / (1.0 + torch.arange(d, dtype=torch.float32))  # plain tensor attribute
+        self._cache = {}
+        self.cached = None
+
+    @functools.lru_cache(maxsize=8)
+    def _table(self, n):
+        return (torch.arange(n, dtype=torch.float32)[:, None] * self.freq).sin()
+
+    def forward(self, h):
+        n = h.shape[1]
+        if self.how == "lru":
+            return h + self._table(n)
+        if self.how == "module_lru":
+            return h + _sincos(n, self.d)
+        if self.how == "dict":
+            if n not in self._cache:
+                self._cache[n] = (torch.arange(n, dtype=torch.float32)[:, None] * self.freq).sin()
+            return h + self._cache[n]
+        if self.how == "attr":
+            if self.cached is None or self.cached.shape[0] != n:
+                self.cached = (torch.arange(n, dtype=torch.float32)[:, None] * self.freq).sin()
+            return h + self.cached
+        if "table" not in self._buffers:
+            self.register_buffer("table", (torch.arange(n, dtype=torch.float32)[:, None] * self.freq).sin(),
+                                 persistent=False)
+        return h + self.table
+
+
+class CachingLeaf(Base):
+    """`pos` is passed as a leaf module (`leaf_modules=['pos']`)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.pos = CachingPos(how)
+
+    def prep(self, x):
+        return self.pos(self.tokens(x))

@@ -970,3 +970,80 @@ def test_table_broadcast_against_heads_is_refused_per_sample_even_when_batch_equ
         if i == 2:
             h = scatter(saved, ids, h)
     assert_close(out, model.out(h[:, 1:]))
+
+
+# ---------------------------------------------------------------- g2. temporal blocks (video)
+
+FRAMES = 2  # 2 frames x 8 patches (a 4 x 8 latent per frame... here: 16 tokens of one clip)
+
+
+class FrameBlock(nn.Module):
+    """Temporal attention as video DiTs write it: the (frames x patches) tokens are regrouped by
+    patch and attend over the frames, so the block needs every token in its place."""
+
+    def __init__(self, d=D, frames=FRAMES):
+        super().__init__()
+        self.frames = frames
+        self.attn = AdaBlock(d)
+
+    def forward(self, x, c=None):
+        b, n, d = x.shape
+        s = n // self.frames
+        h = x.view(b, self.frames, s, d).transpose(1, 2).reshape(b * s, self.frames, d)
+        h = self.attn(h)
+        return h.reshape(b, s, self.frames, d).transpose(1, 2).reshape(b, n, d)
+
+
+class VideoModel(nn.Module):
+    """Spatial and temporal blocks alternate (Latte / video DiT style); `regroup_in_root` does the
+    frame regrouping in the model's forward around every other block instead of inside a block."""
+
+    def __init__(self, depth=6, regroup_in_root=False):
+        super().__init__()
+        self.regroup_in_root = regroup_in_root
+        self.cond = nn.Linear(N_IMG - 1, D)  # a (B, 15) condition: 15 is no token count to probe with
+        self.patch = nn.Conv2d(C_IN, D, P, P)
+        self.blocks = nn.ModuleList([AdaBlock() if (i % 2 == 0 or regroup_in_root) else FrameBlock()
+                                     for i in range(depth)])
+        self.out = nn.Linear(D, P * P * C_IN)
+
+    def forward(self, x, c):  # x: (B, C, SIDE, SIDE), the FRAMES frames stacked along H
+        h = patchify_embed(self.patch, x) + self.cond(c).unsqueeze(1)
+        b, n, d = h.shape
+        for i, blk in enumerate(self.blocks):
+            if self.regroup_in_root and i % 2 == 1:
+                s = n // FRAMES
+                g = h.view(b, FRAMES, s, d).transpose(1, 2).reshape(b * s, FRAMES, d)
+                h = blk(g).reshape(b, s, FRAMES, d).transpose(1, 2).reshape(b, n, d)
+            else:
+                h = blk(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("regroup_in_root", [False, True])
+@pytest.mark.parametrize("route", [(1, 4, 0.5), (0, 1, 0.5), (2, 3, 0.25)])
+def test_temporal_blocks_inside_a_route_are_refused_naming_the_block(route, regroup_in_root):
+    # 16 tokens = 2 frames x 8: the routes' own kept counts (8, 12) and the first free probe count
+    # (14: a (B, 15) condition takes 15) regroup without an error into mislaid frames; only a
+    # probe count coprime with 16 shows that the tokens cannot be subset
+    torch.manual_seed(0)
+    model = VideoModel(regroup_in_root=regroup_in_root)
+    x, c = torch.randn(2, C_IN, SIDE, SIDE), torch.randn(2, N_IMG - 1)
+    who = r"the model's own code before block 1 \('blocks.1'\)" if regroup_in_root else r"block 1 \('blocks.1'\)"
+    with pytest.raises(RouteError, match=who + r" (sits before this route and )?fails .* at .*test_architectures.py:\d+ in forward: "
+                       r"`[gh] = [hx]\.view\(b, (self.frames|FRAMES), s, d\).*reshapes the tokens to a fixed layout"):
+        routefx.apply(model, [route], example_inputs=(x, c))
+
+
+def test_spatial_block_before_the_first_temporal_block_routes_exactly():
+    torch.manual_seed(0)
+    model = randomize(VideoModel())
+    x, c = torch.randn(2, C_IN, SIDE, SIDE), torch.randn(2, N_IMG - 1)
+    route = (0, 0, 0.5)
+
+    def ref(x, c):
+        h = patchify_embed(model.patch, x) + model.cond(c).unsqueeze(1)
+        return model.out(tread_loop(model.blocks, h, route))
+
+    _, out, want = run_both(model, [route], (x, c), ref)
+    assert_close(out, want)

@@ -138,3 +138,30 @@ def test_python_that_bakes_the_batch_size_in_retraces_per_batch_size():
         for r in routed:
             r(*_inputs("x", batch))
     assert [[rg.batch_baked for _, rg in r._graphs] for r in routed] == [[True, True], [False], [False]]
+
+
+@pytest.mark.parametrize("how", ["lru", "module_lru", "dict", "attr", "buffer"])
+def test_a_leaf_that_caches_what_it_computes_keeps_no_fake_tensor(how):
+    """Capture runs leaf modules on fake tensors: a table the leaf caches then would be a fake
+    one and break the next real forward (or silently stand for the real table). Every cache the
+    fake run filled is emptied; the routed model matches the reference, twice, and in eval."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from capture_models import CachingLeaf, _sincos
+
+    _sincos.cache_clear()
+    torch.manual_seed(0)
+    model = CachingLeaf(how)
+    routed = routefx.apply(model, [ROUTE], leaf_modules=["pos"])
+    args = _inputs("x")
+    for _ in range(2):
+        torch.manual_seed(7)
+        out = routed(*args)
+        torch.manual_seed(7)
+        ref, _ = _reference(model, args, ROUTE)
+        assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
+    pos = model.pos
+    held = [pos.cached, *pos._cache.values(), *pos._buffers.values(), pos._table(16), _sincos(16, D)]
+    assert not any(isinstance(t, FakeTensor) for t in held if t is not None)
+    routed.eval()
+    assert torch.allclose(routed(*args), model(*args), atol=1e-6)
