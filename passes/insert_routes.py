@@ -26,9 +26,10 @@ from torch import nn
 
 from routefx.errors import INSPECT_HINT, RouteError
 from .capture import user_frame
-from routefx.ops import RouteSelector, gather_joined, gather_table, gather_tokens, scatter_joined, scatter_tokens
+from routefx.ops import (RouteSelector, gather_joined, gather_side, gather_table, gather_tokens, scatter_joined,
+                         scatter_tokens)
 from .find_blocks import dataflow_graph
-from .streams import PER_SAMPLE_TABLES, flat_inputs, span_region, stream_offsets, token_kind
+from .streams import PER_SAMPLE_TABLES, declarable, flat_inputs, span_region, stream_end, stream_offsets, token_kind
 
 __all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
 
@@ -81,7 +82,7 @@ def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control, sha
     return plans
 
 
-def _check_route(chain, streams, i, route):
+def _check_route(gm, chain, streams, i, route):
     s, e = route.start, route.end
     if streams.failed_at is not None and streams.failed_at[0] <= e:
         b, err, node = streams.failed_at
@@ -93,7 +94,8 @@ def _check_route(chain, streams, i, route):
             what, line = f"block {b} ('{name}')", user_frame(err.__traceback__)
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: {what} "
                          f"{where} when it gets fewer tokens than it was traced with, at {line}: "
-                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line, what)} routefx "
+                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line, what)}"
+                         f"{_undeclared(gm, node, streams)} routefx "
                          f"follows the token stream with fewer tokens through the chain, so it cannot see past "
                          f"that block: use routes that end before block {b}. {INSPECT_HINT}") from err
     if streams.ambiguous:
@@ -105,6 +107,23 @@ def _check_route(chain, streams, i, route):
     n = streams.num_tokens - streams.protect
     if route.num_kept(n) <= 0:
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
+
+
+def _undeclared(gm, node, streams) -> str:
+    """The inputs of the failing node that carry the full token count and were not gathered, as
+    names `apply(per_token=...)` takes (the fix when one of them is a mask, bias or position)."""
+    if node is None:
+        return ""
+    n = streams.num_tokens
+    full = [u for u in dict.fromkeys(node.all_input_nodes)
+            if token_kind(u, streams) == "pass" and n in tuple(getattr(u.meta.get("routefx", {}).get("spec"), "shape", ()))]
+    names = list(dict.fromkeys(name for u in full for name in declarable(gm, u)))
+    if not names:
+        return ""
+    shapes = ", ".join(f"'{u.name}' {_shape(u)}" for u in full[:4])
+    return (f" It receives {shapes} with the full count of {n} tokens, not gathered. If that is a "
+            f"per-token input (a mask, a bias, positions), declare it: routefx.apply(..., per_token="
+            f"{names[:3]!r}); if it is not (a text context as long as the image), not_per_token=[...].")
 
 
 def _probe_cause(err, line: str, what: str) -> str:
@@ -122,12 +141,12 @@ def _probe_cause(err, line: str, what: str) -> str:
 
 
 def _insert_one(gm, chain, streams, i, route, control, shared_indices):
-    _check_route(chain, streams, i, route)
+    _check_route(gm, chain, streams, i, route)
     graph = gm.graph
     g = dataflow_graph(graph)
-    first, last = chain.nodes[route.start], chain.nodes[route.end]
-    region = span_region(g, first, last)
     order = {n: k for k, n in enumerate(graph.nodes)}
+    first, last = chain.nodes[route.start], stream_end(g, chain, route.end, streams.primary, order)
+    region = span_region(g, first, last)
     _refuse_guards(region, i, route)
     n = streams.num_tokens - streams.protect
     plan = RoutePlan(i, route, chain.names[route.start: route.end + 1], streams.num_tokens,
@@ -171,7 +190,7 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
             if kind == "joined":
                 node = graph.call_function(gather_joined, (u, sel, *stream_offsets(u)))
             elif kind == "side":
-                node = graph.call_function(gather_tokens, (u, sel))
+                node = graph.call_function(gather_side, (u, sel, u.meta["routefx"].get("token_dims", (1,))))
             elif kind == "table0":
                 node = graph.call_function(gather_table, (u, sel, primary, 0))
             elif kind == "table1":
@@ -240,8 +259,12 @@ def _origin(u, gathered, region, memo):
         else:
             res = _unique_origin(src, ins, gathered, region, memo, block_first=len(outs) == 1)
     else:
-        res = _unique_origin(u, _routed_inputs(u, gathered), gathered, region, memo,
-                             block_first=u.op == "call_module")
+        ins = _routed_inputs(u, gathered)
+        spine = u.meta.get("routefx", {}).get("spine")
+        if spine:  # a chain block: its stream continues the inputs it gets from the previous block
+            flat = flat_inputs(u)
+            ins = [r for r in ins if any(flat[i] is r for i in spine)] or ins
+        res = _unique_origin(u, ins, gathered, region, memo, block_first=u.op == "call_module")
     memo[u] = res
     return res
 

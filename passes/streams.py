@@ -24,11 +24,11 @@ import torch
 import torch.fx as fx
 
 from routefx.errors import INSPECT_HINT, GuardError, RouteError
-from routefx.ops import gather_table, gather_tokens, select_tokens, setitem
+from routefx.ops import gather_side, gather_table, gather_tokens, select_tokens, setitem
 from .fake_run import fake_run
 from .find_blocks import dataflow_graph
 
-__all__ = ["Streams", "analyze_streams", "flat_inputs", "token_kind", "projections", "stream_offsets",
+__all__ = ["Streams", "analyze_streams", "declarable", "flat_inputs", "token_kind", "projections", "stream_offsets", "stream_end",
            "PER_SAMPLE_TABLES"]
 
 _CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
@@ -245,7 +245,7 @@ def _probe_count(n_total: int, protect: int, values: dict) -> int:
 
 
 def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, protect=None, mode=None,
-                    shared=None) -> Streams:
+                    shared=None, per_token=(), not_per_token=()) -> Streams:
     """Label every node of `gm` with `meta['routefx']['token']` (see module docstring).
 
     `shared`: one index set for the whole batch in every route (True), one per sample (False), or
@@ -265,7 +265,8 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
         raise RouteError(f"Block 0 ('{block0.target}') takes no (batch, tokens, ...) tensor derived from the "
                          f"model's first input '{source.target}': nothing to route. Pass the image/latent "
                          f"tensor first. {INSPECT_HINT}")
-    primary = cands[0]
+    primary = _spine_first(g, chain, cands)
+    _mark_spine(g, chain, primary)
     batch, n_total = values[primary].shape[:2]
     understood, spine = set(), {}
     if protect is None:
@@ -279,6 +280,7 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
             pass
     if not 0 <= k < n_total:
         raise RouteError(f"protect={k} must be in [0, {n_total}) (the stream has {n_total} tokens).")
+    _mark_declared(gm, data, from_src, per_token, not_per_token, n_total)
     derived = set().union(*(nx.descendants(g, p) | {p} for p in inputs))
     streams = Streams(source, primary, batch, n_total, k, derived)
     after0 = nx.descendants(g, block0)
@@ -287,7 +289,8 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
             ok = n in from_src and _label(values.get(n), batch, n_total) is True and \
                 not _slices_off_the_image(n, spine, values)
             n.meta.setdefault("routefx", {})["token"] = ok
-    region = span_region(g, chain.nodes[0], chain.nodes[-1])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    region = span_region(g, chain.nodes[0], stream_end(g, chain, len(chain.nodes) - 1, primary, order))
     tables = [u for v in region for u in v.all_input_nodes if u not in region and token_kind(u, streams) == "table0"]
     streams.shared = bool(tables) if shared is None else bool(shared)
     streams.shared_because = tables[0] if tables and shared is None else None
@@ -299,6 +302,101 @@ def span_region(g: nx.DiGraph, first: fx.Node, last: fx.Node) -> set:
     """Nodes a route over blocks first..last runs on its kept tokens, plus their projections."""
     region = {first, last} | (nx.descendants(g, first) & nx.ancestors(g, last))
     return region | {p for n in region for p in projections(n)}
+
+
+def spine_inputs(g: nx.DiGraph, chain, k: int, primary: fx.Node) -> list:
+    """The inputs of block k that carry the chain's stream: those computed from block k-1 (the
+    primary stream for block 0)."""
+    if k == 0:
+        return [primary]
+    prev = chain.nodes[k - 1]
+    before = nx.ancestors(g, chain.nodes[k])
+    return [u for u in dict.fromkeys(flat_inputs(chain.nodes[k])) if u is prev or (u in before and prev in nx.ancestors(g, u))]
+
+
+def _mark_declared(gm, data, from_src, per_token, not_per_token, n_total):
+    """The user's word on side inputs (`apply(per_token=..., not_per_token=...)`): names of the
+    model's inputs or of parameters / buffers it reads. Every value computed from one (and not
+    from the image) is per-token - gathered along each dim >= 1 of size N - or left alone."""
+    for names, flag in ((per_token, "per_token"), (not_per_token, "not_per_token")):
+        for name in names:
+            roots = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and n.target == name]
+            if not roots:
+                ins = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+                attrs = sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"})
+                raise RouteError(f"{flag}=[... '{name}' ...] names no input of the model's forward and no "
+                                 f"parameter or buffer its traced code reads. Inputs: {ins}; attributes: "
+                                 f"{attrs[:12]}{' ...' if len(attrs) > 12 else ''}.")
+            for root in roots:
+                for n in {root} | nx.descendants(data, root):
+                    shape = getattr(n.meta.get("routefx", {}).get("spec"), "shape", None)
+                    dims = tuple(d for d in range(1, len(shape or ())) if shape[d] == n_total)
+                    if n in from_src or (flag == "per_token" and not dims):
+                        continue
+                    n.meta.setdefault("routefx", {})[flag] = True
+                    if flag == "per_token":
+                        n.meta["routefx"]["token_dims"] = dims
+
+
+def declarable(gm: fx.GraphModule, node: fx.Node) -> list:
+    """Names `apply(per_token=...)` accepts that `node` is computed from: model inputs and
+    parameters / buffers among its ancestors (the first input, the image, excluded)."""
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    seen, todo, out = set(), [node], []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            if n is not image:
+                out.append(n.target)
+            continue
+        todo += n.all_input_nodes
+    return sorted(set(out))
+
+
+def _spine_first(g, chain, cands):
+    """Block 0's stream among its image-derived inputs `cands`: the one in the argument position
+    through which block 0 feeds block 1 (`blk(x0, h)` with a fixed embedding x0 passed too)."""
+    if len(cands) > 1 and len(chain.nodes) > 1:
+        b0, b1 = chain.nodes[0], chain.nodes[1]
+        feeds = nx.descendants(g, b0) | {b0}
+        pos = [i for i, u in enumerate(flat_inputs(b1)) if u in feeds]
+        ins = flat_inputs(b0)
+        if len(pos) == 1 and len(ins) == len(flat_inputs(b1)) and ins[pos[0]] in cands:
+            return ins[pos[0]]
+    return cands[0]
+
+
+def _mark_spine(g, chain, primary):
+    """`meta['routefx']['spine']` of every block: the positions (in `flat_inputs`) of the inputs
+    that carry the chain's stream (the bypassed tokens of a route ending there come from them)."""
+    for k, blk in enumerate(chain.nodes):
+        spine = set(spine_inputs(g, chain, k, primary))
+        blk.meta.setdefault("routefx", {})["spine"] = [i for i, u in enumerate(flat_inputs(blk)) if u in spine]
+
+
+def stream_end(g: nx.DiGraph, chain, k: int, primary: fx.Node, order: dict) -> fx.Node:
+    """Where block k's stream output is complete: block k itself, or - when the model adds the
+    block's input back OUTSIDE the block (`x = x + blk(x)`, `x = blk(x) + x`, `h = h + 0.5 * blk(h)`)
+    - the first node that joins a value computed from block k with one computed from its stream
+    input without passing through block k (before the next block). A route ending at block k
+    ends there, so the bypassed tokens re-enter once, with their route-start values."""
+    blk = chain.nodes[k]
+    below = nx.descendants(g, blk)
+    skip = set()
+    for x in spine_inputs(g, chain, k, primary):
+        skip |= ({x} | nx.descendants(g, x)) - below - {blk}
+    if not skip:
+        return blk
+    stop = order[chain.nodes[k + 1]] if k + 1 < len(chain.nodes) else None
+    for j in sorted(below, key=order.get):
+        if (stop is not None and order[j] >= stop) or "block" in j.meta.get("routefx", {}):
+            break
+        if any(u in skip for u in j.all_input_nodes) and any(u is blk or u in below for u in j.all_input_nodes):
+            return j
+    return blk
 
 
 class _Stop(Exception):
@@ -395,7 +493,9 @@ class _Probe(fx.Interpreter):
                 ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
                 self.ids = ids[:, : self.keep].expand(self.batch, -1)
             kind = token_kind(u, s)
-            if kind in ("table0", "table1"):
+            if kind == "side":
+                self.gathered[u] = gather_side(x, self.ids, u.meta["routefx"].get("token_dims", (1,)))
+            elif kind in ("table0", "table1"):
                 self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]), self.shared)
             else:
                 self.gathered[u] = gather_tokens(x, self.ids, self.shared and kind == "broadcast")

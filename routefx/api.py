@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ._tree import flatten
+from .check import check_routes
 from .errors import INSPECT_HINT, RouteError
 from .ops import RouteControl
 from .passes.capture import input_skeleton
@@ -84,15 +85,17 @@ class RoutedModule(nn.Module):
 
     def __init__(self, model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None,
                  leaf_modules=(), generator=None, static_batch=False, compile=None, fp32_after_route=False,
-                 shared_indices=None):
+                 shared_indices=None, verify=True, ordered=None, per_token=(), not_per_token=()):
         super().__init__()
         self.module = model
+        self.verify, self.ordered = verify, ordered
         self.routes = as_routes(routes)
         _check_names(model, self.routes, blocks, leaf_modules)
         self.control = RouteControl(generator)
         self.options = dict(blocks=blocks, protect=protect, leaf_modules=tuple(leaf_modules),
                             keep_batch=static_batch, fp32_after_route=fp32_after_route,
-                            shared_indices=shared_indices)
+                            shared_indices=shared_indices, per_token=_names(per_token),
+                            not_per_token=_names(not_per_token))
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._graphs = []
         self._fast = None  # (fast key, graph) of the last eager call, see `_lookup`
@@ -154,6 +157,8 @@ class RoutedModule(nn.Module):
     def _capture(self, key, args, kwargs):
         """Build a routed graph (eager even inside torch.compile: dynamo must not trace a tracer)."""
         rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
+        if self.verify:
+            rg.check = check_routes(self.module, rg, args, kwargs, self.control, self.ordered)
         if rg.batch_baked:  # the model's Python baked the batch size in: one graph per batch size
             key = (key[0], key[1], input_skeleton(args, kwargs, True))
             self._fast = None
@@ -335,7 +340,7 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing, une
 
 def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None, leaf_modules=(),
           generator=None, static_batch=False, compile=None, fp32_after_route=False,
-          shared_indices=None) -> RoutedModule:
+          shared_indices=None, verify=True, ordered=None, per_token=(), not_per_token=()) -> RoutedModule:
     """Route tokens around blocks of `model` during training (TREAD), without editing its code.
 
     Args:
@@ -359,6 +364,19 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
             default): per sample, unless an unbatched per-token table (e.g. a rotary
             `(T_text + N, d)` table) enters the blocks, which can follow one index set only: then
             shared, with a warning (`plans[i].shared_indices` says which).
+        verify: check every captured graph on the capture call's real inputs (routefx.check:
+            keeping every token in a shuffled order must give the model's own output; two
+            forwards without gradients); False skips it.
+        ordered: the blocks read the tokens in order by design (a scan, causal attention,
+            positions counted from `x.shape[1]`): the kept tokens keep their order and are
+            numbered 0..k-1 among themselves (TREAD's meaning for them), and the shuffle check
+            is skipped. None: True for blocks holding mamba-ssm's scans; False: never.
+        per_token: names of model inputs (forward arguments) or parameters / buffers that are
+            per-token side inputs (a key-padding mask `(B, N)`, an attention bias
+            `(B, h, N, N)`, per-token timesteps): every value computed from one that enters a
+            route is gathered with the tokens, along each of its dims >= 1 of size N.
+        not_per_token: names of inputs / parameters that never follow the tokens, whatever
+            their shape (a text context or a learned memory as long as the image).
     Returns:
         A `RoutedModule`: call it like the model; in eval mode it IS the original forward.
 
@@ -378,7 +396,15 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
         raise RouteError("This model already contains a RoutedModule: call routefx.remove on it first.")
     return RoutedModule(model, routes, example_inputs=example_inputs, blocks=blocks, protect=protect,
                         leaf_modules=leaf_modules, generator=generator, static_batch=static_batch,
-                        compile=compile, fp32_after_route=fp32_after_route, shared_indices=shared_indices)
+                        compile=compile, fp32_after_route=fp32_after_route, shared_indices=shared_indices,
+                        verify=verify, ordered=ordered, per_token=per_token, not_per_token=not_per_token)
+
+
+def _names(names) -> tuple:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not all(isinstance(n, str) for n in names):
+        raise RouteError(f"per_token / not_per_token take names (str) of model inputs or parameters, got {names!r}.")
+    return names
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ from torch.fx.node import has_side_effect
 from .errors import GuardError, RouteError
 
 __all__ = ["RouteControl", "RouteSelector", "select_tokens", "gather_tokens", "gather_table", "gather_joined",
-           "scatter_tokens", "scatter_joined", "check_guard", "check_assert", "setitem"]
+           "scatter_tokens", "scatter_joined", "check_guard", "check_assert", "setitem", "gather_side"]
 
 
 class RouteControl:
@@ -16,6 +16,7 @@ class RouteControl:
         self.generator = generator
         self.forced = False
         self.ratio_override = None  # None, one float for every route, or a list per route
+        self.check_ids = None  # routefx.check's forced selections: (selector, x, others) -> ids
 
     def ratio(self, index: int, default: float) -> float:
         r = self.ratio_override
@@ -57,6 +58,8 @@ class RouteSelector(nn.Module):
     def forward(self, x: torch.Tensor, others: int = 0):
         """Indices into the stream's tokens: `x` carries them after its first `others` tokens, if
         any (text joined in front of the image tokens at the route start)."""
+        if self.control.check_ids is not None:
+            return self.control.check_ids(self, x, others)
         ratio = self.control.ratio(self.index, self.default_ratio)
         if ratio == 0:
             return None  # no RNG drawn, gathers and scatters become identities
@@ -85,6 +88,19 @@ def gather_tokens(x: torch.Tensor, ids, shared: bool = False):
     if x.shape[0] != ids.shape[0]:
         x = x.expand(ids.shape[0], *x.shape[1:])
     return x.gather(1, _token_index(ids, x))
+
+
+def gather_side(x: torch.Tensor, ids, dims=(1,)):
+    """A per-token side input (a mask `(B, N)`, a bias `(B, h, N, N)`) for the kept tokens: the
+    rows `ids[b]` of sample b along each of `dims` (a broadcast dim 0 of size 1 is expanded)."""
+    if ids is None:
+        return x
+    if x.shape[0] != ids.shape[0]:
+        x = x.expand(ids.shape[0], *x.shape[1:])
+    for d in dims:
+        moved = x.movedim(d, 1)
+        x = moved.gather(1, _token_index(ids, moved)).movedim(1, d)
+    return x
 
 
 def gather_table(table: torch.Tensor, ids, stream, dim: int, shared: bool = False):

@@ -18,6 +18,7 @@ from routefx.passes.capture import _internal, capture
 from routefx.passes.fake_run import fake_run
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
 from routefx.passes.insert_routes import fp32_after_routes, insert_routes
+from routefx.passes.memories import find_memories
 from routefx.passes.streams import analyze_streams
 
 from ._tree import flatten
@@ -43,6 +44,7 @@ class RoutedGraph:
     seconds: float
     compiled: Any = None  # torch.compile(gm) when the routed module was asked to compile
     batch_baked: bool = False  # valid for the traced batch size only (see capture.Captured)
+    check: str = "not run"  # what routefx.check did: "passed" / "skipped: why" / "not run"
 
 
 @contextlib.contextmanager
@@ -92,7 +94,8 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
 
 
 def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
-           keep_batch=False, fake=True, fp32_after_route=False, shared_indices=None) -> RoutedGraph:
+           keep_batch=False, fake=True, fp32_after_route=False, shared_indices=None, per_token=(),
+           not_per_token=()) -> RoutedGraph:
     t0 = time.perf_counter()
     with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
@@ -103,7 +106,10 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
             chain = find_chain(cap.gm, candidates, explicit)
         resolved = resolve_routes(routes, len(chain))
         with _stage("streams"):
-            streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode, shared_indices)
+            streams = analyze_streams(cap.gm, chain, cap.values, example, protect, cap.mode, shared_indices,
+                                      per_token, not_per_token)
+        with _stage("memories"):
+            find_memories(model, cap.gm, chain, streams, args, kwargs)
         with _stage("insert_routes"):
             plans = insert_routes(cap.gm, chain, streams, resolved, control, streams.shared)
             if fp32_after_route:
