@@ -268,6 +268,15 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     primary = _spine_first(g, chain, cands)
     _mark_spine(g, chain, primary)
     batch, n_total = values[primary].shape[:2]
+    src = values.get(source)
+    if isinstance(src, torch.Tensor) and src.dim() and batch != src.shape[0] == n_total:
+        raise RouteError(f"Block 0 ('{block0.target}') receives the token stream '{primary.name}' of shape "
+                         f"{tuple(values[primary].shape)}, laid out (tokens, batch, ...) - sequence-first: its "
+                         f"dim 0 is not the batch of the model's "
+                         f"first input '{source.target}' ({src.shape[0]}). routefx routes streams laid out "
+                         f"(batch, tokens, ...) between the blocks; transpose in the blocks (e.g. "
+                         f"nn.MultiheadAttention(batch_first=True)) or route a model that keeps that layout. "
+                         f"{INSPECT_HINT}")
     understood, spine = set(), {}
     if protect is None:
         k = _detect_prefix(primary, from_src, values, understood, spine)
