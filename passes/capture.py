@@ -204,8 +204,9 @@ class ShadowTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         proxies = []
-        for name, value in self._inputs:
+        for name, pos, value in self._inputs:
             p = self.create_proxy("placeholder", name, (), {})
+            p.node.meta["routefx"] = {"position": pos}  # in the forward's signature
             self.values[p.node] = value
             proxies.append(p)
 
@@ -446,18 +447,27 @@ def _wrap_module_functions(tracer: ShadowTracer, targets):
 
 
 def _input_names(model, args, kwargs, n_leaves: int) -> list:
+    """(name, signature position) of every tensor leaf of the call, in the order capture makes
+    the placeholders (positional arguments, then keyword arguments as passed): a model called
+    with keywords in another order than its signature still gets each placeholder's real name,
+    and the stream analysis finds the model's FIRST parameter (the image) by its position."""
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-        items = list(bound.arguments.items())
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-    names = []
-    for name, value in items:
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), "arg")
+    order = {p.name: i for i, p in enumerate(params)}
+    items = [(positional[i].name, i) if i < len(positional) else (f"{var}_{i}", len(params) + i)
+             for i in range(len(args))]
+    items += [(k, order.get(k, len(params) + len(args) + j)) for j, k in enumerate(kwargs)]
+    out = []
+    for (name, pos), value in zip(items, [*args, *kwargs.values()]):
         leaves = flatten(value)[0]
-        names += [name if len(leaves) == 1 else f"{name}_{i}" for i in range(len(leaves))]
-    if len(names) != n_leaves:  # *args / **kwargs shapes we could not name: fall back
-        names = [f"input_{i}" for i in range(n_leaves)]
-    return [n if n.isidentifier() else f"input_{i}" for i, n in enumerate(names)]
+        out += [(name if len(leaves) == 1 else f"{name}_{i}", pos) for i in range(len(leaves))]
+    if len(out) != n_leaves:  # structures we could not name: fall back
+        out = [(f"input_{i}", i) for i in range(n_leaves)]
+    return [(n if n.isidentifier() else f"input_{i}", pos) for i, (n, pos) in enumerate(out)]
 
 
 def input_skeleton(args, kwargs, keep_batch: bool = False):
@@ -490,7 +500,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: set,
     # tracing must never mutate the user's batch
     tensors = [mode.from_tensor(t) if fake else t.detach().clone() for t in tensors]
     tracer = ShadowTracer(leaves, [getattr(m, n) for m, n in _einops_functions()], mode)
-    tracer._inputs = list(zip(_input_names(model, args, kwargs, len(tensors)), tensors))
+    tracer._inputs = [(name, pos, t) for (name, pos), t in zip(_input_names(model, args, kwargs, len(tensors)), tensors)]
 
     def rebuild(ph):
         a, kw = rebuild_inputs(ph)

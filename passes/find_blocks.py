@@ -20,7 +20,7 @@ from torch import nn
 from routefx.errors import INSPECT_HINT, RouteError
 from .capture import reads_only_metadata
 
-__all__ = ["Chain", "block_candidates", "explicit_blocks", "find_chain", "dataflow_graph"]
+__all__ = ["Chain", "block_candidates", "explicit_blocks", "find_chain", "dataflow_graph", "image_input"]
 
 
 @dataclasses.dataclass
@@ -150,7 +150,7 @@ def find_chain(gm: fx.GraphModule, candidates: set, explicit: list = None) -> Ch
                              f"'{runs[0][-1].target}' to '{runs[1][0].target}'). {INSPECT_HINT}")
         return _mark(Chain(calls, [n.target for n in calls], [], explicit=True))
     data = dataflow_graph(gm.graph, data_only=True)
-    source = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    source = image_input(gm)
     from_image = nx.descendants(data, source) if source is not None else set()
     on_image = [c for c in calls if c in from_image] or calls
     below = {c: nx.descendants(g, c) for c in calls}
@@ -173,3 +173,10 @@ def _mark(chain: Chain) -> Chain:
     for i, n in enumerate(chain.nodes):
         n.meta.setdefault("routefx", {})["block"] = i
     return chain
+
+
+def image_input(gm: fx.GraphModule):
+    """The model's first tensor parameter in its forward's signature (the image / latents),
+    whatever order the call passed its arguments in; None without inputs."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return min(inputs, key=lambda n: n.meta.get("routefx", {}).get("position", 0), default=None)

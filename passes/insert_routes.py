@@ -29,7 +29,8 @@ from .capture import user_frame
 from routefx.ops import (RouteSelector, gather_joined, gather_side, gather_table, gather_tokens, scatter_joined,
                          scatter_tokens)
 from .find_blocks import dataflow_graph
-from .streams import PER_SAMPLE_TABLES, declarable, flat_inputs, span_region, stream_end, stream_offsets, token_kind
+from .streams import (PER_SAMPLE_TABLES, declarable, flat_inputs, span_region, spine_inputs, stream_end,
+                      stream_offsets, token_kind)
 
 __all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
 
@@ -145,8 +146,9 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
     graph = gm.graph
     g = dataflow_graph(graph)
     order = {n: k for k, n in enumerate(graph.nodes)}
-    first, last = chain.nodes[route.start], stream_end(g, chain, route.end, streams.primary, order)
-    region = span_region(g, first, last)
+    static = set(graph.nodes) - streams.input_derived  # parameters, constants and what they compute
+    first, last = chain.nodes[route.start], stream_end(g, chain, route.end, streams.primary, order, streams, static)
+    region = span_region(g, first, last, spine_inputs(g, chain, route.start, streams.primary))
     _refuse_guards(region, i, route)
     n = streams.num_tokens - streams.protect
     plan = RoutePlan(i, route, chain.names[route.start: route.end + 1], streams.num_tokens,
@@ -180,7 +182,7 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
                          f"table stays (1, kept, ...) and broadcasts as before).")
     gm.add_submodule(name, RouteSelector(i, route.ratio, streams.protect, control, shared=shared_indices))
     p, q = stream_offsets(primary)
-    with graph.inserting_before(first):
+    with graph.inserting_before(min(region, key=order.get)):  # as late as the first op of the route
         sel = graph.call_module(name, (primary, p + q) if p or q else (primary,))
     sel.meta["routefx"] = {"selector": i, "token": False}
 

@@ -1,10 +1,12 @@
-"""memories: tables that are not per-token, told apart by the blocks' behaviour on real values.
+"""memories: inputs that are not per-token, told apart by the blocks' behaviour on real values.
 
 Needs `analyze_streams`. A tensor without a batch dim that enters a block with the token count
 on a dim (`(1, N, D)`, `(N, d)`) is gathered with the tokens by default: it looks like a
-position table. It may instead be a memory that the block attends to: a learned context, a
-register bank, a cross-attention memory as long as the image. Gathering a memory would be
-silently wrong (the kept tokens would attend to a random subset of it), and shapes cannot tell.
+position table; so is a `(B, N, D)` value computed from the image that a block takes beside
+its stream (the initial embedding, `blk(h, x0)`). Either may instead be a memory that the block
+attends to: a learned context, a register bank, a cross-attention memory as long as the image,
+computed from the image or not. Gathering a memory would be silently wrong (the kept tokens
+would attend to a random subset of it), and shapes cannot tell.
 
 So each such input is tried on the block it enters, on the real values of one call: the block
 runs once as is and once with the stream's tokens (and every other per-token input) shuffled
@@ -34,7 +36,9 @@ def find_memories(model: torch.nn.Module, gm: fx.GraphModule, chain, streams, ar
     blocks = {n: n for n in chain.nodes}
     trials = {}  # block node -> candidate table inputs
     for blk in chain.nodes:
-        cands = [u for u in dict.fromkeys(flat_inputs(blk)) if u not in blocks and token_kind(u, streams) in _TABLES]
+        flat, spine = flat_inputs(blk), blk.meta.get("routefx", {}).get("spine", [])
+        cands = [u for i, u in enumerate(flat) if u not in blocks and i not in spine and u not in flat[:i]
+                 and token_kind(u, streams) in (*_TABLES, "token") and not _spine_too(u, flat, spine)]
         if cands:
             trials[blk] = cands
     tensors = [t for t in flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))[0]
@@ -53,6 +57,10 @@ def find_memories(model: torch.nn.Module, gm: fx.GraphModule, chain, streams, ar
     for u in found:
         u.meta["routefx"]["not_per_token"] = True
     return found
+
+
+def _spine_too(u, flat, spine) -> bool:
+    return any(flat[i] is u for i in spine)
 
 
 def _not_real(model, tensors) -> bool:
@@ -129,7 +137,7 @@ def _align(node, args, kwargs) -> dict:
 def _is_memory(block, node, cand, values, streams) -> bool:
     """The block's output only shuffles with the tokens while `cand` stays as it is."""
     n, batch = streams.num_tokens, streams.batch
-    stream = [u for u in values if token_kind(u, streams) == "token"]
+    stream = [u for u in values if token_kind(u, streams) == "token" and u is not cand]
     if not stream or any(not isinstance(values[u], torch.Tensor) or values[u].shape[:2] != (batch, n) for u in stream):
         return False
     gen = torch.Generator().manual_seed(0)

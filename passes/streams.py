@@ -26,12 +26,12 @@ import torch.fx as fx
 from routefx.errors import INSPECT_HINT, GuardError, RouteError
 from routefx.ops import gather_side, gather_table, gather_tokens, select_tokens, setitem
 from .fake_run import fake_run
-from .find_blocks import dataflow_graph
+from .find_blocks import dataflow_graph, image_input
 
 __all__ = ["Streams", "analyze_streams", "declarable", "flat_inputs", "token_kind", "projections", "stream_offsets", "stream_end",
            "PER_SAMPLE_TABLES"]
 
-_CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
+_CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat), torch.hstack}
 
 
 @dataclasses.dataclass
@@ -254,7 +254,7 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     """
     g = dataflow_graph(gm.graph)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    source = inputs[0]
+    source = image_input(gm)
     # values computed from the image's VALUES: reading its shape (`text.view(b, -1, x.shape[-1])`) is not
     data = dataflow_graph(gm.graph, data_only=True)
     from_src = nx.descendants(data, source) | {source}
@@ -269,6 +269,12 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     _mark_spine(g, chain, primary)
     batch, n_total = values[primary].shape[:2]
     src = values.get(source)
+    if values[primary].dim() == 4 and isinstance(src, torch.Tensor) and src.dim() == 4:
+        raise RouteError(f"Block 0 ('{block0.target}') receives the token stream '{primary.name}' of shape "
+                         f"{tuple(values[primary].shape)}: a grid (batch, H, W, channels) - or another "
+                         f"4-d layout - rather than (batch, tokens, channels). routefx selects tokens along "
+                         f"one dim, and along dim 1 it would keep whole rows of the grid. Flatten the grid "
+                         f"before the blocks (x.flatten(1, 2)) and reshape after them. {INSPECT_HINT}")
     if isinstance(src, torch.Tensor) and src.dim() and batch != src.shape[0] == n_total:
         raise RouteError(f"Block 0 ('{block0.target}') receives the token stream '{primary.name}' of shape "
                          f"{tuple(values[primary].shape)}, laid out (tokens, batch, ...) - sequence-first: its "
@@ -307,9 +313,14 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
     return streams
 
 
-def span_region(g: nx.DiGraph, first: fx.Node, last: fx.Node) -> set:
-    """Nodes a route over blocks first..last runs on its kept tokens, plus their projections."""
-    region = {first, last} | (nx.descendants(g, first) & nx.ancestors(g, last))
+def span_region(g: nx.DiGraph, first: fx.Node, last: fx.Node, starts=()) -> set:
+    """Nodes a route over blocks first..last runs on its kept tokens, plus their projections:
+    everything computed from the first block or from its stream inputs `starts` (a gate computed
+    from the stream beside the block) that the route's end depends on."""
+    below = nx.descendants(g, first)
+    for x in starts:
+        below |= nx.descendants(g, x)
+    region = {first, last} | (below & nx.ancestors(g, last))
     return region | {p for n in region for p in projections(n)}
 
 
@@ -350,7 +361,7 @@ def _mark_declared(gm, data, from_src, per_token, not_per_token, n_total):
 def declarable(gm: fx.GraphModule, node: fx.Node) -> list:
     """Names `apply(per_token=...)` accepts that `node` is computed from: model inputs and
     parameters / buffers among its ancestors (the first input, the image, excluded)."""
-    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    image = image_input(gm)
     seen, todo, out = set(), [node], []
     while todo:
         n = todo.pop()
@@ -363,6 +374,28 @@ def declarable(gm: fx.GraphModule, node: fx.Node) -> list:
             continue
         todo += n.all_input_nodes
     return sorted(set(out))
+
+
+def _own_ops_end(g, chain, k, primary, order, static, streams):
+    """The next block's stream input if every op between block k and it is block k's own (see
+    `stream_end`), else None."""
+    blk, ins = chain.nodes[k], spine_inputs(g, chain, k, primary)
+    nxt = spine_inputs(g, chain, k + 1, primary)
+    if len(nxt) != 1 or nxt[0] is blk or any(stream_offsets(u) != (0, 0) for u in (*nxt, *ins)):
+        return None
+    end = nxt[0]
+    mine = {blk} | set(ins)
+    for x in ins:
+        mine |= nx.descendants(g, x)
+    path = sorted((nx.descendants(g, blk) & nx.ancestors(g, end)) | {end}, key=order.get)
+    for n in path:
+        if "block" in n.meta.get("routefx", {}):
+            return None
+        # a parameter read is block k's own (a scale, a norm) unless it is a per-token table: a
+        # position table added there is the next block's input (`h = blk(h + pos[i])`)
+        if any(u not in mine and (u not in static or token_kind(u, streams) != "pass") for u in n.all_input_nodes):
+            return None
+    return end
 
 
 def _spine_first(g, chain, cands):
@@ -386,13 +419,25 @@ def _mark_spine(g, chain, primary):
         blk.meta.setdefault("routefx", {})["spine"] = [i for i, u in enumerate(flat_inputs(blk)) if u in spine]
 
 
-def stream_end(g: nx.DiGraph, chain, k: int, primary: fx.Node, order: dict) -> fx.Node:
-    """Where block k's stream output is complete: block k itself, or - when the model adds the
-    block's input back OUTSIDE the block (`x = x + blk(x)`, `x = blk(x) + x`, `h = h + 0.5 * blk(h)`)
-    - the first node that joins a value computed from block k with one computed from its stream
-    input without passing through block k (before the next block). A route ending at block k
-    ends there, so the bypassed tokens re-enter once, with their route-start values."""
+def stream_end(g: nx.DiGraph, chain, k: int, primary: fx.Node, order: dict, streams=None,
+               static=None) -> fx.Node:
+    """Where block k's step is complete, the point a route ending at block k ends at.
+
+    Block k's step is the block and the ops the model writes around it on the stream that use
+    nothing but the block's output, its stream input and parameters / constants (`static`): a
+    residual written outside the block (`x = x + blk(x)`, `h = h + 0.5 * blk(h)`), a gate
+    computed from the stream, a per-block scale or norm. Where all ops between block k and the
+    next block are such (and the stream is plain there: `streams` holds the probe's labels), the route ends
+    at the next block's stream input. An op that also reads another value (a long skip, text
+    joined to the tokens) prepares the next block instead: the route ends before it, at block
+    k - or at the first node joining block k's output with its stream input (a residual), the
+    rule also used after the last block. The bypassed tokens skip each step once and re-enter
+    at their route-start values."""
     blk = chain.nodes[k]
+    if k + 1 < len(chain.nodes) and streams is not None:
+        end = _own_ops_end(g, chain, k, primary, order, static, streams)
+        if end is not None:
+            return end
     below = nx.descendants(g, blk)
     skip = set()
     for x in spine_inputs(g, chain, k, primary):
@@ -544,6 +589,8 @@ def _as_label(p, s):
 
 
 def _cat_dim(node, value):
+    if node.target is torch.hstack:  # dim 1 of 2-D and higher tensors
+        return 1 if value.dim() > 1 else 0
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     return dim % value.dim()
 
