@@ -20,6 +20,7 @@ naming the node. Lint and recompile are left to the caller (once, at the end).
 import dataclasses
 import operator
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -28,8 +29,8 @@ from routefx.errors import INSPECT_HINT, RouteError
 from .capture import user_frame
 from routefx.ops import (RouteSelector, gather_joined, gather_side, gather_table, gather_tokens, scatter_joined,
                          scatter_tokens)
-from .find_blocks import dataflow_graph
-from .streams import (PER_SAMPLE_TABLES, declarable, flat_inputs, span_region, spine_inputs, stream_end,
+from .find_blocks import dataflow_graph, image_input
+from .streams import (PER_SAMPLE_TABLES, reduces, declarable, flat_inputs, span_region, spine_inputs, stream_end,
                       stream_offsets, token_kind)
 
 __all__ = ["RoutePlan", "insert_routes", "fp32_after_routes", "Float32Block"]
@@ -75,7 +76,8 @@ def insert_routes(gm: fx.GraphModule, chain, streams, routes: list, control, sha
     """
     plans, selectors = [], []
     for i, route in enumerate(routes):
-        plan, sel = _insert_one(gm, chain, streams, i, route, control, shared_indices)
+        after = routes[i - 1].end if i else None
+        plan, sel = _insert_one(gm, chain, streams, i, route, control, shared_indices, after)
         plans.append(plan)
         selectors.append(sel)
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -96,7 +98,7 @@ def _check_route(gm, chain, streams, i, route):
         raise RouteError(f"Route {i} {tuple(route.__dict__.values())}: {what} "
                          f"{where} when it gets fewer tokens than it was traced with, at {line}: "
                          f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}. {_probe_cause(err, line, what)}"
-                         f"{_undeclared(gm, node, streams)} routefx "
+                         f"{_undeclared(gm, node, streams)}{_channels_first(gm, streams)} routefx "
                          f"follows the token stream with fewer tokens through the chain, so it cannot see past "
                          f"that block: use routes that end before block {b}. {INSPECT_HINT}") from err
     if streams.ambiguous:
@@ -108,6 +110,21 @@ def _check_route(gm, chain, streams, i, route):
     n = streams.num_tokens - streams.protect
     if route.num_kept(n) <= 0:
         raise RouteError(f"Route {i}: ratio {route.ratio} keeps {route.num_kept(n)} of {n} tokens; lower the ratio.")
+
+
+def _channels_first(gm, streams) -> str:
+    """A hint where the stream may be laid out (batch, channels, tokens): its dim 2, not its dim 1,
+    divides the image's pixel count."""
+    src, shape = image_input(gm), _shape(streams.primary)
+    pix = getattr(src.meta.get("routefx", {}).get("spec"), "shape", ())
+    if len(shape) != 3 or len(pix) != 4:
+        return ""
+    pixels = pix[2] * pix[3]
+    if pixels % shape[1] and not pixels % shape[2]:
+        return (f" The stream '{streams.primary.name}' {shape} may be laid out channels-first (batch, channels, "
+                f"tokens): {shape[2]} divides the {pixels} pixels of '{src.target}', {shape[1]} does not; routefx "
+                f"routes (batch, tokens, channels) streams, so transpose before the blocks.")
+    return ""
 
 
 def _undeclared(gm, node, streams) -> str:
@@ -141,24 +158,26 @@ def _probe_cause(err, line: str, what: str) -> str:
     return ""
 
 
-def _insert_one(gm, chain, streams, i, route, control, shared_indices):
+def _insert_one(gm, chain, streams, i, route, control, shared_indices, after=None):
     _check_route(gm, chain, streams, i, route)
     graph = gm.graph
     g = dataflow_graph(graph)
     order = {n: k for k, n in enumerate(graph.nodes)}
     static = set(graph.nodes) - streams.input_derived  # parameters, constants and what they compute
     first, last = chain.nodes[route.start], stream_end(g, chain, route.end, streams.primary, order, streams, static)
-    region = span_region(g, first, last, spine_inputs(g, chain, route.start, streams.primary))
+    starts = _route_start(g, chain, streams, route, order, static, after)
+    region = span_region(g, first, last, starts)
     _refuse_guards(region, i, route)
     n = streams.num_tokens - streams.protect
     plan = RoutePlan(i, route, chain.names[route.start: route.end + 1], streams.num_tokens,
                      streams.protect, streams.protect + route.num_kept(n), shared_indices)
 
     entering = _entering(region, order, streams, plan)
-    primary = next((u for u in flat_inputs(first) if u in entering and entering[u][0] in ("token", "joined")), None)
+    primary = next((u for u in [*starts, *flat_inputs(first)] if u in entering and entering[u][0] in ("token", "joined")),
+                   None)
     if primary is None:
-        raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'). "
-                         f"{INSPECT_HINT}")
+        raise RouteError(f"Route {i}: no routed-stream tensor enters block {route.start} ('{first.target}'): "
+                         f"routefx lost the token stream before it.{_lost_at(chain, streams)} {INSPECT_HINT}")
     name = f"routefx_route_{i}"
     tables = [u for u, (kind, _) in entering.items() if kind == "table0"]
     if tables and not shared_indices:
@@ -205,8 +224,37 @@ def _insert_one(gm, chain, streams, i, route, control, shared_indices):
             gathered[node] = u  # the stream's route-start values: what leaving tensors continue
         for v in users:
             v.replace_input_with(u, node)
-    _scatter_leaving(graph, region, order, gathered, sel, plan)
+    _scatter_leaving(graph, region, order, gathered, sel, plan, primary, nx.ancestors(g, last) | {last})
     return plan, sel
+
+
+def _lost_at(chain, streams) -> str:
+    """The first block whose output routefx does not follow, with its traced shapes."""
+    for k, blk in enumerate(chain.nodes):
+        if stream_offsets(blk)[0] is None and not _is_container(_label(blk)):
+            out, ins = _shape(blk), [_shape(u) for u in flat_inputs(blk) if stream_offsets(u)[0] is not None]
+            if ins and out and len(out) > 1 and out[1] != ins[0][1]:
+                return (f" Block {k} ('{chain.names[k]}') returns {out} from a stream of {ins[0]}: a block "
+                        f"that adds or drops tokens (registers appended inside it) leaves routefx unable to tell "
+                        f"where the stream's tokens are in its output; routes must end before it.")
+            return f" The first block whose output it does not follow is block {k} ('{chain.names[k]}'), shape {out}."
+    return ""
+
+
+def _route_start(g, chain, streams, route, order, static, after) -> list:
+    """Where the route takes its stream: where block start-1's step ends (`stream_end`), so the
+    ops between the two blocks that prepare block start (a position table or a side input added,
+    a long skip fused) run on the kept tokens only, as every later such op of the route does; the
+    bypassed tokens skip one of each per block. Block start's own stream input for a route at
+    block 0, right after another route (`after`: its end), or where the stream is not a plain
+    tensor there (tuple outputs, text joined)."""
+    s, ins = route.start, spine_inputs(g, chain, route.start, streams.primary)
+    if s == 0 or after == s - 1:
+        return ins
+    x = stream_end(g, chain, s - 1, streams.primary, order, streams, static)
+    if stream_offsets(x) != (0, 0) or any(stream_offsets(u) != (0, 0) for u in ins):
+        return ins
+    return [x]
 
 
 def _refuse_guards(region, i, route):
@@ -253,6 +301,8 @@ def _origin(u, gathered, region, memo):
         idx = u.args[1]
         if len(ins) == len(outs) and idx in outs:
             res = _origin(ins[outs.index(idx)], gathered, region, memo)
+        elif len(ins) == 1 and [k for k in outs if _leaves(src, k, region)] == [idx]:
+            res = _origin(ins[0], gathered, region, memo)  # the others end inside (router logits)
         elif len(outs) > 1 and len(ins) < len(outs):
             raise RouteError(f"{_where(src)} returns {len(outs)} token tensors from {len(ins)} token "
                              f"input(s), so element {idx} has no value at the route start for the "
@@ -260,6 +310,8 @@ def _origin(u, gathered, region, memo):
                              f"in the first layer). Start the route one block later. {INSPECT_HINT}")
         else:
             res = _unique_origin(src, ins, gathered, region, memo, block_first=len(outs) == 1)
+    elif src is not None and src in region and src.meta.get("routefx", {}).get("spine"):
+        res = _origin(src, gathered, region, memo)  # a field of a block's dict / dataclass output
     else:
         ins = _routed_inputs(u, gathered)
         spine = u.meta.get("routefx", {}).get("spine")
@@ -271,6 +323,20 @@ def _origin(u, gathered, region, memo):
     return res
 
 
+def _leaves(src, k, region) -> bool:
+    """Element k of `src` (or a value computed from it inside the region) is used after the route."""
+    seen, todo = set(), [p for p in src.users if p.op == "call_function" and len(p.args) > 1 and p.args[1] == k]
+    while todo:
+        n = todo.pop()
+        if n in seen or reduces(n):  # (a reduction's value leaves as it is)
+            continue
+        seen.add(n)
+        if any(v not in region for v in n.users):
+            return True
+        todo += [v for v in n.users if v in region]
+    return False
+
+
 def _unique_origin(node, ins, gathered, region, memo, block_first):
     if not ins:
         raise RouteError(f"Cannot tell which stream {_where(node)} continues: it has no routed input. "
@@ -278,13 +344,19 @@ def _unique_origin(node, ins, gathered, region, memo, block_first):
     origins = list(dict.fromkeys(_origin(r, gathered, region, memo) for r in ins))
     if len(origins) == 1 or block_first:
         return origins[0]
+    primary, path = memo[_SPINE]
+    if primary in origins and node in path:  # on the way to the route's end: the chain's stream
+        return primary  # continues (`blk(h) + a * x0`: x0 is a side input added to it)
     raise RouteError(f"{_where(node)} combines token streams that started the route as different tensors "
                      f"({', '.join(o.name for o in origins)}); routefx cannot tell which one its bypassed "
                      f"tokens should come from. Move the route boundary so the streams do not mix inside it.")
 
 
-def _scatter_leaving(graph, region, order, gathered, sel, plan):
-    memo = {}
+_SPINE = object()  # memo key of (the route's stream at its start, the nodes on its way to the end)
+
+
+def _scatter_leaving(graph, region, order, gathered, sel, plan, primary, path):
+    memo = {_SPINE: (primary, path)}
     for u in sorted(region, key=order.get):
         outside = [v for v in u.users if v not in region]
         label = _label(u)

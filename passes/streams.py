@@ -59,9 +59,12 @@ def flat_inputs(node: fx.Node) -> list:
 
 
 def projections(node: fx.Node) -> list:
-    """`getitem` / `getattr` users that pick an element out of a tuple / container value."""
+    """`getitem` / `getattr` users that pick an element out of a container value (a tuple, a
+    dict, a dataclass such as diffusers' outputs)."""
     import operator
-    if not isinstance(node.meta.get("routefx", {}).get("spec"), (tuple, list)):
+    spec = node.meta.get("routefx", {}).get("spec")
+    mapping = isinstance(spec, type) and (issubclass(spec, dict) or dataclasses.is_dataclass(spec))
+    if not (isinstance(spec, (tuple, list)) or mapping):
         return []  # x[:, k:] on a tensor is an op, not a pick out of a container
     return [u for u in node.users if u.op == "call_function" and u.target in (operator.getitem, getattr)
             and u.args[0] is node]
@@ -316,12 +319,51 @@ def analyze_streams(gm: fx.GraphModule, chain, values: dict, example: list, prot
 def span_region(g: nx.DiGraph, first: fx.Node, last: fx.Node, starts=()) -> set:
     """Nodes a route over blocks first..last runs on its kept tokens, plus their projections:
     everything computed from the first block or from its stream inputs `starts` (a gate computed
-    from the stream beside the block) that the route's end depends on."""
+    from the stream beside the block) that the route's end depends on, and the side computations
+    on the kept tokens that end in values without a token dim (an auxiliary loss on router
+    logits, a pooled vector): those see the kept tokens only, as in a hand-written loop."""
     below = nx.descendants(g, first)
     for x in starts:
         below |= nx.descendants(g, x)
     region = {first, last} | (below & nx.ancestors(g, last))
-    return region | {p for n in region for p in projections(n)}
+    region |= {p for n in region for p in projections(n)}
+    return region | _reductions(region, last)
+
+
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "prod", "logsumexp", "nansum",
+           "nanmean", "mse_loss", "l1_loss", "cross_entropy", "smooth_l1_loss", "kl_div"}
+
+
+def reduces(w) -> bool:
+    """`w` reduces its token input (`logits.mean()`, `h.sum(1)`, a loss)."""
+    name = w.target if isinstance(w.target, str) else getattr(w.target, "__name__", "")
+    return w.op in ("call_function", "call_method") and name in _REDUCE
+
+
+def _reductions(region: set, last) -> set:
+    """Side computations branching off strictly inside the route (not off its end: what the model
+    computes from the route's output sees every token, scattered back)."""
+    memo = {}
+
+    def ends_reduced(v):  # a token value whose every use ends in a reduction
+        if v not in memo:
+            memo[v] = False  # (cycle guard)
+            memo[v] = v.op != "output" and bool(v.users) and all(
+                w in region or reduces(w) or ends_reduced(w) for w in v.users)
+        return memo[v]
+
+    side = set()
+    todo = [w for n in region if n is not last for w in n.users if w not in region]
+    while todo:
+        w = todo.pop()
+        if w in side or w in region:
+            continue
+        if ends_reduced(w):
+            side.add(w)
+            todo += list(w.users)
+        elif reduces(w) and any(u in side for u in w.all_input_nodes):
+            side.add(w)  # the reduction itself: its value leaves the route as it is
+    return side
 
 
 def spine_inputs(g: nx.DiGraph, chain, k: int, primary: fx.Node) -> list:

@@ -192,8 +192,9 @@ def _message(rg, i, bad, seen, dense_seen) -> str:
         if diff is not None and diff > 1e-3:
             where = (f" The first block whose output differs for the same tokens is '{name}' (relative "
                      f"difference {diff:.2g}): it computes something from the token count or order it "
-                     f"receives (positions from `x.shape[1]`, a fixed frame or grid layout), or reads a "
-                     f"per-token input that was not gathered.")
+                     f"receives (positions from `x.shape[1]`, a fixed frame or grid layout), reads a "
+                     f"per-token input that was not gathered, or takes the tokens on another dim than 1 "
+                     f"(a stream laid out sequence-first or channels-first, where sizes coincide).")
             break
     passed = [p for p in plan.passed if plan.num_tokens in p["shape"] or (plan.num_tokens - plan.protect) in p["shape"]]
     cands = "; ".join(f"'{p['tensor']}' {tuple(p['shape'])}" for p in passed[:6])

@@ -496,15 +496,20 @@ def test_per_layer_broadcast_table_is_gathered(table, route):
     s, e, ratio = route
 
     def ref(x):
-        # The route-start value is block s's input, h + pos[s] (the top-level add is before the span);
-        # inside the span every pos[i] is gathered per sample with the route's indices.
+        # The route takes the stream where block s-1's step ends, BEFORE the top-level `+ pos[s]`
+        # that prepares block s (so the bypassed tokens skip one table per block they skip; a
+        # route at block 0 starts at block 0's input, after it); inside the span every pos[i] is
+        # gathered per sample with the route's indices.
         h = patchify_embed(model.patch, x)
         saved = ids = None
         for i, blk in enumerate(model.blocks):
-            if i == s:
+            if i == s and s == 0:
                 h = h + model.pos_at(i)
                 saved, ids = h, kept_ids(h.shape[0], h.shape[1], ratio)
                 h = gather(h, ids)
+            elif i == s:
+                saved, ids = h, kept_ids(h.shape[0], h.shape[1], ratio)
+                h = gather(h, ids) + gather(model.pos_at(i), ids)
             elif s < i <= e:
                 h = h + gather(model.pos_at(i), ids)
             else:
@@ -518,10 +523,11 @@ def test_per_layer_broadcast_table_is_gathered(table, route):
     assert_close(out, want)
     kinds = [g["kind"] for g in plan_of(routed).gathered]
     assert kinds.count("token") == 1
+    tables = e - s + (s > 0)  # pos[s+1..e], and pos[s] where the route starts before it
     if table == "buffer":  # fx may make one get_attr node per use of a buffer
-        assert (kinds.count("broadcast") > 0) == (e > s)
+        assert (kinds.count("broadcast") > 0) == (tables > 0)
     else:
-        assert kinds.count("broadcast") == e - s
+        assert kinds.count("broadcast") == tables
 
 
 # ---------------------------------------------------------------- d. (hidden, residual) blocks
@@ -782,10 +788,31 @@ class SideStream(nn.Module):
         return self.out(h)
 
 
-def test_top_level_op_combining_two_entering_streams_is_refused():
+def test_a_second_stream_added_inside_the_span_is_a_side_input_of_the_chain_stream():
+    """`h = h + side` between two blocks of the span: the chain's stream continues (it was refused
+    as two streams mixing); inside the route the kept tokens get their rows of `side`, and the
+    bypassed tokens skip the add like the blocks (issue 13: the stream that flows block to block
+    is the one the bypassed tokens come back to)."""
     torch.manual_seed(0)
-    with pytest.raises(RouteError, match="combines token streams"):
-        routefx.apply(SideStream(), [(0, 2, 0.5)], example_inputs=(torch.randn(2, C_IN, SIDE, SIDE),))
+    model = randomize(SideStream())
+    x = torch.randn(2, C_IN, SIDE, SIDE)
+    s, e, ratio = route = (0, 2, 0.5)
+
+    def ref(x):
+        h, side = patchify_embed(model.pa, x), patchify_embed(model.pb, x)
+        for i, blk in enumerate(model.blocks):
+            if i == s:
+                saved, ids = h, kept_ids(h.shape[0], h.shape[1], ratio)
+                h = gather(h, ids)
+            h = blk(h)
+            if i == 1:
+                h = h + (gather(side, ids) if s <= i <= e else side)
+            if i == e:
+                h = scatter(saved, ids, h)
+        return model.out(h)
+
+    _, out, want = run_both(model, [route], (x,), ref)
+    assert_close(out, want)
 
 
 class TableBlock(AdaBlock):
