@@ -156,7 +156,7 @@ class RoutedModule(nn.Module):
     @torch.compiler.disable
     def _capture(self, key, args, kwargs):
         """Build a routed graph (eager even inside torch.compile: dynamo must not trace a tracer)."""
-        rg = build(self.module, args, kwargs, self.routes, self.control, **self.options)
+        rg = build(self.module, args, kwargs, self.routes, self.control, real_verify=self.verify, **self.options)
         if self.verify:
             rg.check = check_routes(self.module, rg, args, kwargs, self.control, self.ordered)
         if rg.batch_baked:  # the model's Python baked the batch size in: one graph per batch size

@@ -13,12 +13,13 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from routefx.passes.capture import _internal, capture
 from routefx.passes.fake_run import fake_run
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
 from routefx.passes.insert_routes import fp32_after_routes, insert_routes
-from routefx.passes.memories import find_memories
+from routefx.passes.memories import find_memories, state_kept
 from routefx.passes.streams import analyze_streams
 
 from ._tree import flatten
@@ -95,7 +96,7 @@ def build(model, args, kwargs, routes, control, **options) -> RoutedGraph:
 
 def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, leaf_modules=(),
            keep_batch=False, fake=True, fp32_after_route=False, shared_indices=None, per_token=(),
-           not_per_token=()) -> RoutedGraph:
+           not_per_token=(), real_verify=False) -> RoutedGraph:
     t0 = time.perf_counter()
     with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
@@ -125,7 +126,8 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
         cap.gm.recompile()
         user_generator, control.generator = control.generator, None  # verifying must not draw from it
         try:
-            _verify(cap, example, len(plans))
+            real = _tensors(args, kwargs) if real_verify and _all_real(model, args, kwargs) else None
+            _verify(cap, example, len(plans), model, real)
         finally:
             control.generator = user_generator
     rg = RoutedGraph(cap.gm, cap.rebuild_output, chain, streams, plans, resolved, cap.guards,
@@ -143,7 +145,16 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _verify(cap, example, n_routes):
+def _all_real(model, args, kwargs) -> bool:
+    """Real values to run on: no meta tensors, plain (unsharded) parameters."""
+    return not (any(t.is_meta for t in _tensors(args, kwargs)) or any(
+        p.is_meta or type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters()))
+
+
+def _verify(cap, example, n_routes, model=None, real=None):
+    """The routed graph runs on the capture call's inputs and gives the model's output shapes:
+    on the real values when `real` (one forward without gradients; RNG and buffers restored: on
+    small models far cheaper than fake tensors), else on the fake ones."""
     outputs = [n for n in cap.gm.graph.nodes if n.op == "output"][0].args[0][: -n_routes or None]
     want = [cap.values[n].shape if isinstance(n, fx.Node) and isinstance(cap.values.get(n), torch.Tensor)
             else None for n in outputs]
@@ -157,8 +168,12 @@ def _verify(cap, example, n_routes):
         if n.op != "placeholder":
             env[n] = cap.values[n]
     try:
-        with torch.no_grad(), cap.mode or contextlib.nullcontext(), fake_run(cap.gm, cap.mode):
-            got = fx.Interpreter(cap.gm).run(*example, initial_env=env)
+        if real is not None:
+            with state_kept(model, real), torch.no_grad():
+                got = cap.gm(*real)
+        else:
+            with torch.no_grad(), cap.mode or contextlib.nullcontext(), fake_run(cap.gm, cap.mode):
+                got = fx.Interpreter(cap.gm).run(*example, initial_env=env)
     except Exception as e:  # noqa: BLE001
         raise RouteError(f"The routed graph fails on the example inputs: {type(e).__name__}: {e}. A block "
                          f"inside a route may depend on the token count. {INSPECT_HINT}") from e
