@@ -1,4 +1,5 @@
-"""fake_run: run a model's modules on fake tensors without leaving fakes behind.
+"""fake_run: run a model's modules on fake tensors without leaving fakes behind (and, for the
+real forwards of capture, `state_kept`: without moving its RNG or buffers).
 
 The passes run leaf modules on fake tensors (shapes only). Two things make that leave the model
 different from before:
@@ -19,7 +20,7 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["fake_run"]
+__all__ = ["fake_run", "not_real", "rng_preserved", "state_kept"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules"}
 
@@ -120,3 +121,35 @@ def _caches_of(obj, depth=3) -> list:
         except ValueError:  # an empty cell
             pass
     return out
+
+
+def not_real(model: torch.nn.Module, tensors) -> str:
+    """Why `model` cannot run on real values here ("" if it can): meta tensors, or parameters
+    that are not plain tensors (sharded)."""
+    if any(t.is_meta for t in tensors) or any(p.is_meta for p in model.parameters()):
+        return "meta tensors"
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters()):
+        return "parameters are not plain tensors (sharded)"
+    return ""
+
+
+@contextlib.contextmanager
+def rng_preserved(tensors):
+    """Leave the global RNG state (CPU and the CUDA devices of `tensors`) as it was."""
+    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def state_kept(model: torch.nn.Module, tensors):
+    """Global RNG and buffers (BatchNorm statistics) as they were after the block: for the real
+    forwards of capture, which must leave no trace."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    with rng_preserved(tensors):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)

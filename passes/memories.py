@@ -17,18 +17,18 @@ tokens, or a rotary table, changes the output when left in place; a memory does 
 
 Skipped (default kept) on meta tensors and on non-plain parameters (sharded models).
 """
-import contextlib
-
 import torch
 import torch.fx as fx
 
 from routefx._tree import flatten
-from routefx.ops import gather_side, gather_table, gather_tokens
-from .streams import PER_SAMPLE_TABLES, flat_inputs, token_kind
+from routefx.ops import gather_tokens
+from .fake_run import not_real, state_kept
+from .streams import PER_SAMPLE_TABLES, flat_inputs, follow, token_kind
 
-__all__ = ["find_memories", "state_kept"]
+__all__ = ["find_memories"]
 
 _TABLES = (*PER_SAMPLE_TABLES, "table0")
+_FOLLOWED = (*_TABLES, "side", "token")  # what a route gathers (joined streams are not tried)
 
 
 def find_memories(model: torch.nn.Module, gm: fx.GraphModule, chain, streams, args, kwargs) -> list:
@@ -43,7 +43,7 @@ def find_memories(model: torch.nn.Module, gm: fx.GraphModule, chain, streams, ar
             trials[blk] = cands
     tensors = [t for t in flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))[0]
                if isinstance(t, torch.Tensor)]
-    if not trials or _not_real(model, tensors):
+    if not trials or not_real(model, tensors):
         return []
     calls = _block_calls(model, [n.target for n in trials], args, kwargs, tensors)
     found = []
@@ -61,26 +61,6 @@ def find_memories(model: torch.nn.Module, gm: fx.GraphModule, chain, streams, ar
 
 def _spine_too(u, flat, spine) -> bool:
     return any(flat[i] is u for i in spine)
-
-
-def _not_real(model, tensors) -> bool:
-    return (any(t.is_meta for t in tensors) or any(p.is_meta for p in model.parameters())
-            or any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters()))
-
-
-@contextlib.contextmanager
-def state_kept(model, tensors):
-    """Global RNG (CPU and the devices of `tensors`) and buffers (BatchNorm statistics) as they
-    were after the block: for forwards that must leave no trace."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
 
 
 class _Done(Exception):
@@ -166,18 +146,8 @@ def _is_memory(block, node, cand, values, streams) -> bool:
 
 def _moved(values, cand, streams, ids) -> dict:
     """The block's inputs for the kept tokens `ids`, as a route would gather them, `cand` whole."""
-    n, moved = streams.num_tokens, {}
-    for u, v in values.items():
-        kind = token_kind(u, streams)
-        if u is cand or kind == "pass" or not isinstance(v, torch.Tensor):
-            continue
-        if kind == "side":
-            moved[u] = gather_side(v, ids, u.meta["routefx"].get("token_dims", (1,)))
-        elif kind in ("table0", "table1"):
-            moved[u] = gather_table(v, ids, n, int(kind[-1]), False)
-        elif kind in ("token", "broadcast"):
-            moved[u] = gather_tokens(v, ids)
-    return moved
+    return {u: follow(u, v, ids, streams) for u, v in values.items()
+            if u is not cand and isinstance(v, torch.Tensor) and token_kind(u, streams) in _FOLLOWED}
 
 
 def _call(block, node, values, moved):

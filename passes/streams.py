@@ -28,7 +28,7 @@ from routefx.ops import gather_side, gather_table, gather_tokens, select_tokens,
 from .fake_run import fake_run
 from .find_blocks import dataflow_graph, image_input
 
-__all__ = ["Streams", "analyze_streams", "declarable", "flat_inputs", "token_kind", "projections", "stream_offsets", "stream_end",
+__all__ = ["Streams", "analyze_streams", "declarable", "flat_inputs", "follow", "token_kind", "projections", "stream_offsets", "stream_end",
            "PER_SAMPLE_TABLES"]
 
 _CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat), torch.hstack}
@@ -588,14 +588,19 @@ class _Probe(fx.Interpreter):
                 ratio = 1 - (self.keep - s.protect) / (s.num_tokens - s.protect)
                 ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
                 self.ids = ids[:, : self.keep].expand(self.batch, -1)
-            kind = token_kind(u, s)
-            if kind == "side":
-                self.gathered[u] = gather_side(x, self.ids, u.meta["routefx"].get("token_dims", (1,)))
-            elif kind in ("table0", "table1"):
-                self.gathered[u] = gather_table(x, self.ids, s.num_tokens, int(kind[-1]), self.shared)
-            else:
-                self.gathered[u] = gather_tokens(x, self.ids, self.shared and kind == "broadcast")
+            self.gathered[u] = follow(u, x, self.ids, s, self.shared)
         return self.gathered[u]
+
+
+def follow(u: fx.Node, x: torch.Tensor, ids, streams: Streams, shared: bool = False) -> torch.Tensor:
+    """`x`, the value of `u` entering a span, for the kept tokens `ids`, by its `token_kind`
+    (real values: the probe and the behaviour trials; the routed graph has the same ops)."""
+    kind = token_kind(u, streams)
+    if kind == "side":
+        return gather_side(x, ids, u.meta["routefx"].get("token_dims", (1,)))
+    if kind in ("table0", "table1"):
+        return gather_table(x, ids, streams.num_tokens, int(kind[-1]), shared)
+    return gather_tokens(x, ids, shared and kind == "broadcast")
 
 
 @contextlib.contextmanager

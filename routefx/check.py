@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ._tree import flatten
 from .errors import INSPECT_HINT, RouteError
-from .passes.memories import state_kept
+from .passes.fake_run import not_real, state_kept
 from .passes.streams import declarable
 
 __all__ = ["check_routes"]
@@ -60,13 +60,12 @@ def check_routes(model: nn.Module, rg, args, kwargs, control, ordered=None) -> s
         return "skipped: no route"
     if ordered or (ordered is None and scan_blocks(model, rg.chain.names)):
         return "skipped: the blocks read the tokens in order (ordered=True or a mamba-ssm scan)"
-    if any(t.is_meta for t in tensors) or any(p.is_meta for p in model.parameters()):
-        return "skipped: meta tensors"
-    if any(type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor for p in model.parameters()):
-        return "skipped: parameters are not plain tensors (sharded)"
+    why = not_real(model, tensors)
+    if why:
+        return f"skipped: {why}"
     with state_kept(model, tensors), torch.no_grad():
         dense = _model_outputs(model, args, kwargs, seed=0)
-        got, seen = _routed_outputs(rg, tensors, control, seed=0, only=None)
+        got, _ = _routed_outputs(rg, tensors, control, seed=0, only=None)
         bad = _first_mismatch(dense, got)
         if bad is None:
             return "passed"

@@ -13,13 +13,12 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from routefx.passes.capture import _internal, capture
-from routefx.passes.fake_run import fake_run
+from routefx.passes.fake_run import fake_run, not_real, rng_preserved, state_kept
 from routefx.passes.find_blocks import block_candidates, explicit_blocks, find_chain
 from routefx.passes.insert_routes import fp32_after_routes, insert_routes
-from routefx.passes.memories import find_memories, state_kept
+from routefx.passes.memories import find_memories
 from routefx.passes.streams import analyze_streams
 
 from ._tree import flatten
@@ -46,14 +45,6 @@ class RoutedGraph:
     compiled: Any = None  # torch.compile(gm) when the routed module was asked to compile
     batch_baked: bool = False  # valid for the traced batch size only (see capture.Captured)
     check: str = "not run"  # what routefx.check did: "passed" / "skipped: why" / "not run"
-
-
-@contextlib.contextmanager
-def rng_preserved(tensors):
-    """Leave the global RNG state as it was (tracing and probing must not shift it)."""
-    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 @contextlib.contextmanager
@@ -126,7 +117,8 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
         cap.gm.recompile()
         user_generator, control.generator = control.generator, None  # verifying must not draw from it
         try:
-            real = _tensors(args, kwargs) if real_verify and _all_real(model, args, kwargs) else None
+            tensors = _tensors(args, kwargs)
+            real = tensors if real_verify and not not_real(model, tensors) else None
             _verify(cap, example, len(plans), model, real)
         finally:
             control.generator = user_generator
@@ -143,12 +135,6 @@ def _user_stacklevel() -> int:
     while frame is not None and _internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _all_real(model, args, kwargs) -> bool:
-    """Real values to run on: no meta tensors, plain (unsharded) parameters."""
-    return not (any(t.is_meta for t in _tensors(args, kwargs)) or any(
-        p.is_meta or type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters()))
 
 
 def _verify(cap, example, n_routes, model=None, real=None):
