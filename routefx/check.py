@@ -22,6 +22,15 @@ their two forwards differ anyway. Blocks that read the tokens in order by design
 mamba-ssm's mixers are recognised, `apply(..., ordered=True)` says it for others) cannot be
 compared under a shuffle: the check is skipped for them, and the kept tokens keep their order.
 `apply(..., verify=False)` turns the check off.
+
+A second part checks the route ends themselves, at the model's real selection (`bypass_check`):
+on the graph, the value every route end puts back for the bypassed tokens must be computed before
+the route's selection (it cannot have passed a block of the route), and the value it writes for
+the kept tokens after it; on one forward, the bypassed tokens' values after the route must equal,
+bit for bit, the values their stream had when it was produced (nothing the model did in place in
+between changed them), and the kept tokens' values must be the route's own. The model's inputs
+must come out of the routed forward unchanged. This part runs wherever real values exist, also
+for scans and random forwards.
 """
 import logging
 
@@ -30,6 +39,7 @@ import torch.nn as nn
 
 from ._tree import flatten
 from .errors import INSPECT_HINT, RouteError
+from .ops import scatter_joined, scatter_tokens
 from .passes.fake_run import not_real, state_kept
 from .passes.streams import declarable
 
@@ -58,11 +68,12 @@ def check_routes(model: nn.Module, rg, args, kwargs, control, ordered=None) -> s
     tensors = flatten((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))[0]
     if not rg.plans:
         return "skipped: no route"
-    if ordered or (ordered is None and scan_blocks(model, rg.chain.names)):
-        return "skipped: the blocks read the tokens in order (ordered=True or a mamba-ssm scan)"
     why = not_real(model, tensors)
     if why:
         return f"skipped: {why}"
+    bypass_check(model, rg, tensors, control)
+    if ordered or (ordered is None and scan_blocks(model, rg.chain.names)):
+        return "skipped: the blocks read the tokens in order (ordered=True or a mamba-ssm scan); route ends checked"
     with state_kept(model, tensors), torch.no_grad():
         dense = _model_outputs(model, args, kwargs, seed=0)
         got, _ = _routed_outputs(rg, tensors, control, seed=0, only=None)
@@ -79,6 +90,91 @@ def check_routes(model: nn.Module, rg, args, kwargs, control, ordered=None) -> s
         _, seen = _routed_outputs(rg, tensors, control, seed=0, only=i, record=True)
         dense_seen = _block_outputs(model, rg, args, kwargs)
     raise RouteError(_message(rg, i, bad, seen, dense_seen))
+
+
+_SCATTERS = (scatter_tokens, scatter_joined)
+
+
+def bypass_check(model, rg, tensors, control) -> None:
+    """The route ends' check (module docstring, second part); raises `RouteError` naming the
+    route end and the tensor on a violation."""
+    graph = rg.gm.graph
+    sels = {n.meta["routefx"]["selector"]: n for n in graph.nodes if "selector" in n.meta.get("routefx", {})}
+    after = {i: _downstream(sel) for i, sel in sels.items()}
+    ends = [n for n in graph.nodes if n.op == "call_function" and n.target in _SCATTERS]
+    for n in ends:
+        i, base, kept = n.meta["routefx"]["route"], n.args[0], n.args[2]
+        if base in after[i] or kept not in after[i]:
+            raise RouteError(_bug(rg, i, n, f"the route-start value it puts back ('{base.name}') is computed after "
+                                  f"the route's selection" if base in after[i] else
+                                  f"the value it writes for the kept tokens ('{kept.name}') does not pass the route"))
+    before = {k: t.clone() for k, t in enumerate(tensors) if isinstance(t, torch.Tensor)}
+    gen = control.generator
+    routing = gen.get_state() if gen is not None else None
+    try:
+        with state_kept(model, tensors), torch.no_grad():
+            torch.manual_seed(0)
+            _EndsChecked(rg, {n.args[0] for n in ends}).run(*tensors)
+    finally:
+        if gen is not None:
+            gen.set_state(routing)  # the training run draws the same selections as without the check
+    for k, b in before.items():
+        if not torch.equal(tensors[k], b):
+            raise RouteError(f"routefx bug: the routed forward changed the model's input {k} in place. "
+                             f"{_REPORT}")
+
+
+_REPORT = ("This is a bug in routefx, not in your model: please report it with the output of "
+           "`python -m routefx.inspect`; apply(..., verify=False) skips this check.")
+
+
+def _downstream(node):
+    seen, todo = set(), [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _bug(rg, i, node, what):
+    r = rg.plans[i].route
+    return (f"routefx bug: route {i} ({r.start}, {r.end}, {r.ratio}) ends at '{node.name}' (the stream "
+            f"'{node.meta['routefx']['scatter_of'].name}'), but {what}. Bypassed tokens would not come "
+            f"back with their route-start values. {_REPORT}")
+
+
+class _EndsChecked(torch.fx.Interpreter):
+    """One forward of the routed graph at the real selection, checking every route end."""
+
+    def __init__(self, rg, bases):
+        super().__init__(rg.gm)
+        self.rg, self.bases, self.copies = rg, bases, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.bases and isinstance(out, torch.Tensor):
+            self.copies[n] = out.clone()  # the values the stream had when it was produced
+        if n.op == "call_function" and n.target in _SCATTERS and n.args[1] is not None:
+            ids = self.env[n.args[1]]
+            if ids is not None:
+                self._check(n, ids, out, self.env[n.args[2]])
+        return out
+
+    def _check(self, n, ids, out, kept):
+        p, s, bp, bs = (n.args[3:7] + (0, 0))[:4] if n.target is scatter_joined else (0, 0, 0, 0)
+        start = self.copies[n.args[0]]
+        start = start[:, bp: start.shape[1] - bs].to(out.dtype).expand(out.shape[0], *start.shape[1:])
+        mine = out[:, p: out.shape[1] - s]
+        bypassed = torch.ones(mine.shape[:2], dtype=torch.bool, device=mine.device).scatter_(1, ids, False)
+        i = n.meta["routefx"]["route"]
+        if not torch.equal(mine[bypassed], start[bypassed]):
+            raise RouteError(_bug(self.rg, i, n, "the bypassed tokens' values after it differ from the values their "
+                                  "stream had at the route start (changed in place in between?)"))
+        index = ids.view(*ids.shape, *(1,) * (mine.dim() - 2)).expand(*ids.shape, *mine.shape[2:])
+        if not torch.equal(mine.gather(1, index), kept[:, p: kept.shape[1] - s]):
+            raise RouteError(_bug(self.rg, i, n, "the kept tokens' values after it are not the route's own"))
 
 
 def _model_outputs(model, args, kwargs, seed):

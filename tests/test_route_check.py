@@ -181,3 +181,52 @@ def test_check_status_and_no_trace_left():
     dim = create("DiM-T/2")
     xd, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 2])
     assert routefx.apply(dim, [(2, 3, 0.5)], example_inputs=(xd, t, y))._graphs[0][1].check.startswith("skipped: the blocks read")
+
+
+def _broken_end(routed, how):
+    """The routed graph of `routed` with its first route end broken as `how` says (a routefx bug
+    simulated on the graph)."""
+    rg = routefx.api._find_routed(routed)._graphs[0][1]
+    graph = rg.gm.graph
+    end = next(n for n in graph.nodes if n.op == "call_function" and n.target is routefx.ops.scatter_tokens)
+    base, sel, kept = end.args
+    if how == "in place":  # the route-start value changed between the route's start and end
+        with graph.inserting_before(end):
+            graph.call_method("mul_", (base, 2.0))
+    elif how == "late base":  # the bypassed tokens get a value that passed the route's first block
+        end.args = (kept, sel, kept)
+    else:  # the kept tokens' values never passed the route
+        end.args = (base, sel, base)
+    rg.gm.recompile()
+    return rg
+
+
+@pytest.mark.parametrize("how, message", [
+    ("in place", r"the bypassed tokens' values after it differ from the values their stream had at the route start"),
+    ("late base", r"the route-start value it puts back \('\w+'\) is computed after the route's selection"),
+    ("kept", r"the value it writes for the kept tokens \('\w+'\) does not pass the route")])
+def test_route_end_check_reports_a_broken_end(how, message):
+    """The route-end part of the check (routefx.check.bypass_check) is independent of how the
+    route was built: an end that puts back a value computed inside the route, writes kept values
+    that never passed it, or finds its saved stream changed in place is reported as a routefx
+    bug naming the route and the tensor; the intact graph passes."""
+    model, x = _model(M.Normed), _inputs(3)
+    routed = routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,))
+    inner = routefx.api._find_routed(routed)
+    tensors = [x]
+    routefx.check.bypass_check(model, inner._graphs[0][1], tensors, inner.control)  # intact: passes
+    rg = _broken_end(routed, how)
+    with pytest.raises(routefx.RouteError, match=r"routefx bug: route 0 \(1, 3, 0.5\) ends at '\w+' .*" + message):
+        routefx.check.bypass_check(model, rg, tensors, inner.control)
+
+
+def test_check_keeps_the_routing_generator():
+    """The check draws selections from the routing generator and puts its state back: with a
+    generator, training draws the same selections with the check on as with it off."""
+    model, x = _model(M.Normed), _inputs(3)
+    ids = []
+    for verify in (True, False):
+        routed = routefx.apply(model, [(1, 3, 0.5)], generator=torch.Generator().manual_seed(3), verify=verify)
+        routed(x)
+        ids.append(routefx.api._find_routed(routed).routing[0].ids)
+    assert torch.equal(*ids)
