@@ -59,8 +59,8 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, F)
-        return self.mlp(t_freq)  # (N, D)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, F), float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D); bf16 weights (FSDP2 mixed precision) too
 
 
 class LabelEmbedder(nn.Module):
