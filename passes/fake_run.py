@@ -12,6 +12,11 @@ different from before:
   attribute of the modules that comes out holding a fake tensor is put back as it was (a dict
   mutated in place loses its fake entries), and every `lru_cache` of the modules' classes and
   their source modules that grew during the run is cleared.
+
+Hooks do not run on fake values: a module's forward hooks are set aside during the run (an FSDP2
+unit would all-gather its shards on fake tensors and keep fake unsharded parameters; a user's
+hook would log or count a step that did not happen). A sharded parameter (a DTensor) is seen as a
+fake tensor of its full shape, as the module sees it unsharded.
 """
 import contextlib
 import functools
@@ -20,9 +25,10 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["fake_run", "not_real", "rng_preserved", "state_kept"]
+__all__ = ["fake_run", "not_real", "own_forward", "rng_preserved", "state_kept"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules"}
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 @contextlib.contextmanager
@@ -35,23 +41,35 @@ def fake_run(module: torch.nn.Module, mode):
     caches = {id(c): c for m in mods for c in _lru_caches(type(m))}
     sizes = {k: c.cache_info().currsize for k, c in caches.items()}
     before = [(m, dict(m.__dict__)) for m in mods]
-    saved = []
+    saved, hooks = [], [(m, h, m.__dict__[h]) for m in mods for h in _HOOKS if m.__dict__.get(h)]
     try:
+        for m, h, _ in hooks:
+            m.__dict__[h] = type(m.__dict__[h])()  # (the same dict goes back: handles stay valid)
         for m in mods:
             for store in (m._parameters, m._buffers):
                 for k, v in store.items():
-                    if type(v) in (torch.Tensor, torch.nn.Parameter):  # (DTensor, ...: left as is)
-                        saved.append((store, k, v))
-                        store[k] = mode.from_tensor(v, static_shapes=True)
+                    if v is None or isinstance(v, FakeTensor):
+                        continue
+                    saved.append((store, k, v))
+                    store[k] = _fake_of(v, mode)
         yield
     finally:
         for store, k, v in reversed(saved):
             store[k] = v
+        for m, h, d in hooks:
+            m.__dict__[h] = d
         for m, state in before:
             _put_back(m, state)
         for k, c in caches.items():
             if c.cache_info().currsize != sizes[k]:
                 c.cache_clear()
+
+
+def _fake_of(v: torch.Tensor, mode):
+    if type(v) in (torch.Tensor, torch.nn.Parameter):
+        return mode.from_tensor(v, static_shapes=True)
+    with mode:  # a DTensor (sharded) or another subclass: a fake plain tensor of its full shape
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device, requires_grad=v.requires_grad)
 
 
 def _put_back(m: torch.nn.Module, state: dict) -> None:
@@ -121,6 +139,13 @@ def _caches_of(obj, depth=3) -> list:
         except ValueError:  # an empty cell
             pass
     return out
+
+
+def own_forward(model: torch.nn.Module):
+    """The forward capture traces: the class's, called directly. Capture's real runs of the model
+    use it, not `model(...)`: the model's `forward` attribute is its Router, and wrappers set
+    around it (accelerate's autocast decorator) must not be entered again from inside."""
+    return functools.partial(type(model).forward, model)
 
 
 def not_real(model: torch.nn.Module, tensors) -> str:

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from routefx._tree import flatten
 from routefx.ops import gather_tokens
-from .fake_run import not_real, state_kept
+from .fake_run import not_real, own_forward, state_kept
 from .streams import PER_SAMPLE_TABLES, flat_inputs, follow, token_kind
 
 __all__ = ["find_memories"]
@@ -83,7 +83,7 @@ def _block_calls(model, names, args, kwargs, tensors) -> dict:
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True))
     try:
         with state_kept(model, tensors), torch.no_grad():
-            model(*args, **kwargs)
+            own_forward(model)(*args, **kwargs)
     except _Done:
         pass
     except Exception:  # noqa: BLE001 - no real call: the default reading stands

@@ -584,9 +584,9 @@ class _Probe(fx.Interpreter):
         if u not in self.gathered:
             x, s = self.env[u], self.streams
             if self.ids is None:  # one index set for the whole batch: valid for tables too
-                gen = torch.Generator(device=x.device).manual_seed(0)
+                gen = torch.Generator().manual_seed(0)  # (on the CPU: meta tensors have no generator)
                 ratio = 1 - (self.keep - s.protect) / (s.num_tokens - s.protect)
-                ids = select_tokens(1, s.num_tokens, ratio, s.protect, x.device, gen)
+                ids = select_tokens(1, s.num_tokens, ratio, s.protect, "cpu", gen).to(x.device)
                 self.ids = ids[:, : self.keep].expand(self.batch, -1)
             self.gathered[u] = follow(u, x, self.ids, s, self.shared)
         return self.gathered[u]

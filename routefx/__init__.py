@@ -6,10 +6,10 @@
 `apply` / `remove` are the front door; `python -m routefx.inspect model.py` is its twin.
 """
 from . import flops  # noqa: F401 - registers the CPU attention FLOP formulas torch lacks
-from .api import RouteInfo, RoutedModule, apply, force_routing, remove
+from .api import RouteInfo, Router, apply, force_routing, remove, router, unrouted
 from .errors import CaptureError, GuardError, RouteError
 from .route import Route
 
-__all__ = ["apply", "remove", "force_routing", "Route", "RouteInfo", "RoutedModule", "RouteError",
+__all__ = ["apply", "remove", "force_routing", "Route", "RouteInfo", "Router", "router", "unrouted", "RouteError",
            "CaptureError", "GuardError"]
 __version__ = "0.1.0"

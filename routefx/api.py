@@ -1,6 +1,16 @@
-"""Public front door: `apply`, `remove`, `force_routing`, and the `RoutedModule` wrapper."""
+"""Public front door: `apply`, `remove`, `router`, `force_routing`, and `Router`.
+
+`apply` routes a model in place: the model object, its class, its parameter names, its
+`state_dict` and its hooks stay as they are. What changes is one instance attribute: `forward`
+becomes the model's `Router`, a plain object (not a module: nothing is added to
+`named_modules`, `state_dict` or `parameters`). `nn.Module.__call__` still runs every hook the
+user or a wrapper (DDP, FSDP2, peft, accelerate) registered, then calls the router, which runs
+the routed graph in training mode and the model's own forward in eval mode. `remove` deletes the
+attribute again.
+"""
 import contextlib
 import dataclasses
+import inspect
 import weakref
 
 import torch
@@ -12,20 +22,18 @@ from .errors import INSPECT_HINT, RouteError
 from .ops import RouteControl
 from .passes.capture import input_skeleton
 from .passes.find_blocks import explicit_blocks
-from .pipeline import build
+from .pipeline import LIVE, build
 from .route import Route, as_routes, resolve_routes
 
-__all__ = ["apply", "remove", "force_routing", "RoutedModule", "RouteInfo"]
-
-_PREFIX = "module."
+__all__ = ["apply", "remove", "router", "unrouted", "force_routing", "Router", "RouteInfo"]
 
 # Bug C: a captured graph holds the module objects of capture time. Each module a graph depends
-# on (see `_dependencies`) maps to the RoutedModules that depend on it. torch's global registration
+# on (see `_dependencies`) maps to the Routers that depend on it. torch's global registration
 # hooks run on every setattr of a Module / Parameter / buffer, `ModuleList[i] = m`, `append`,
 # `add_module`, `register_parameter` and `register_buffer`. When one of them puts a different
-# object under a name a graph depends on, `_on_registration` drops that RoutedModule's graphs
+# object under a name a graph depends on, `_on_registration` drops that Router's graphs
 # (the next call recaptures the model as it is then). A routed call pays nothing for this.
-_WATCHED = weakref.WeakKeyDictionary()  # module -> WeakSet of RoutedModules
+_WATCHED = weakref.WeakKeyDictionary()  # module -> WeakSet of Routers
 _MISSING = object()
 _hooks = []
 
@@ -76,18 +84,21 @@ def _is_tensor(x):
     return isinstance(x, torch.Tensor)
 
 
-class RoutedModule(nn.Module):
-    """A model whose training forward runs a routed graph; eval runs the original module.
+class Router:
+    """The routing of one model, routed in place by `routefx.apply` (its `forward` attribute).
 
-    Parameters are the original model's (shared); `state_dict()` has exactly its keys. Made by
-    `routefx.apply`; `routefx.remove` gives the original module back.
+    Called like the model's forward: in training mode (or under `force_routing`) it runs the
+    routed graph of this call's signature, captured on first use; in eval mode it is the model's
+    own forward. `routefx.router(model)` returns it (`routing`, `plans`, `set_ratio`, and
+    `state_dict` / `load_state_dict` for the routing generator).
     """
 
-    def __init__(self, model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None,
+    def __init__(self, model: nn.Module, routes, *, blocks=None, protect=None,
                  leaf_modules=(), generator=None, static_batch=False, compile=None, fp32_after_route=False,
                  shared_indices=None, verify=True, ordered=None, per_token=(), not_per_token=()):
-        super().__init__()
-        self.module = model
+        self.model = model
+        self.previous = model.__dict__.get("forward")  # an instance forward set before apply, or None
+        self.__signature__ = inspect.signature(model.forward)  # what capture names the inputs by
         self.verify, self.ordered = verify, ordered
         self.routes = as_routes(routes)
         _check_names(model, self.routes, blocks, leaf_modules)
@@ -101,35 +112,49 @@ class RoutedModule(nn.Module):
         self._fast = None  # (fast key, graph) of the last eager call, see `_lookup`
         self._last = None
         self._deps = ({}, {})  # what the graphs rely on in the model, see `_dependencies`
+        self._traced = ()      # (module, hook count) of the modules the graphs traced through
         self._drops = 0        # times the graphs were dropped; in `graph_for`'s key for dynamo's guards
-        self._register_state_dict_hook(_strip_prefix)
-        self.register_load_state_dict_pre_hook(_add_prefix)
-        if example_inputs is not None:
-            args, kwargs = _split_example(example_inputs)
-            was = model.training
-            model.train()
-            try:
-                self.graph_for(args, kwargs)
-            finally:
-                model.train(was)
+        self._plain = 0  # > 0: the model's own forward in training mode too (`unrouted`, capture)
+
+    def capture_now(self, example_inputs):
+        args, kwargs = _split_example(example_inputs)
+        was = self.model.training
+        self.model.train()
+        try:
+            self.graph_for(args, kwargs)
+        finally:
+            self.model.train(was)
+
+    def plain_forward(self, *args, **kwargs):
+        """The model's own forward (what eval mode runs)."""
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
 
     # -- running -------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        if not (self.training or self.control.forced):
-            return self._modules["module"](*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        if args and args[0] is self.model:  # bound as a method (accelerate's unwrap_model does that)
+            args = args[1:]
+        if not (self.model.training or self.control.forced) or self._plain:
+            return self.plain_forward(*args, **kwargs)  # (capture's own forwards of the model too)
+        if not torch.compiler.is_compiling():  # (eager: under dynamo its guards would change per capture)
+            for m, hooks in self._traced:
+                if _hook_count(m) != hooks:  # a hook (an FSDP2 unit...) added to a module traced through
+                    self._drop_graphs()
+                    break
         rg, tensors = self._lookup(args, kwargs)
         if rg.compiled is not None:
             _mark_batch_dynamic(tensors)
         out = (rg.gm if rg.compiled is None else rg.compiled)(*tensors)
         k = len(rg.plans)
-        self.__dict__["_last"] = (rg, out[len(out) - k:])  # skips nn.Module.__setattr__ (~2 us)
+        self._last = (rg, out[len(out) - k:])
         return rg.rebuild_output(list(out[: len(out) - k]))
 
     def _lookup(self, args, kwargs):
         """(graph, tensor inputs); an eager call keyed like the last one skips `graph_for`'s full key."""
         key = None
         if not torch.compiler.is_compiling():  # dynamo must not store traced shapes in `_fast`
-            key, tensors = _fast_key(self._modules["module"].training, args, kwargs, self._keep_batch())
+            key, tensors = _fast_key(self.model.training, args, kwargs, self._keep_batch())
         if key is None:
             return self.graph_for(args, kwargs), flatten((args, kwargs), is_leaf=_is_tensor)[0]
         if self._fast is None or self._fast[0] != key:
@@ -139,7 +164,7 @@ class RoutedModule(nn.Module):
     def graph_for(self, args, kwargs):
         """The routed graph for this call's signature and mode, captured on first use."""
         # `_drops` makes dynamo guard on it: under torch.compile(routed), dropped graphs recompile
-        key = (self.module.training, self._drops, input_skeleton(args, kwargs, self.options["keep_batch"]))
+        key = (self.model.training, self._drops, input_skeleton(args, kwargs, self.options["keep_batch"]))
         full = None  # with the batch size: the key of graphs valid for one batch size only
         for k, rg in self._graphs:
             if rg.batch_baked and not self.options["keep_batch"]:
@@ -156,18 +181,20 @@ class RoutedModule(nn.Module):
     @torch.compiler.disable
     def _capture(self, key, args, kwargs):
         """Build a routed graph (eager even inside torch.compile: dynamo must not trace a tracer)."""
-        rg = build(self.module, args, kwargs, self.routes, self.control, real_verify=self.verify, **self.options)
-        if self.verify:
-            rg.check = check_routes(self.module, rg, args, kwargs, self.control, self.ordered)
+        with unrouted(self.model):
+            rg = build(self.model, args, kwargs, self.routes, self.control, real_verify=self.verify, **self.options)
+            if self.verify:
+                rg.check = check_routes(self.model, rg, args, kwargs, self.control, self.ordered)
         if rg.batch_baked:  # the model's Python baked the batch size in: one graph per batch size
             key = (key[0], key[1], input_skeleton(args, kwargs, True))
             self._fast = None
         if self.compile_options is not None:
             rg.compiled = torch.compile(rg.gm, **self.compile_options)
         _install_hooks()
-        mods, attrs = _dependencies(self, rg.gm)
+        mods, attrs, traced = _dependencies(self, rg.gm)
         self._deps[0].update(mods)
         self._deps[1].update(attrs)
+        self._traced = tuple({id(m): (m, _hook_count(m)) for m, _ in (*self._traced, *traced)}.values())
         for m in (*mods.values(), *attrs.values()):
             _WATCHED.setdefault(m, weakref.WeakSet()).add(self)
         self._graphs.append((key, rg))
@@ -175,7 +202,7 @@ class RoutedModule(nn.Module):
 
     def _drop_graphs(self):
         """Forget every captured graph (they hold the modules, parameters and buffers of capture time)."""
-        self._graphs, self._fast, self._deps = [], None, ({}, {})
+        self._graphs, self._fast, self._deps, self._traced = [], None, ({}, {}), ()
         self._drops += 1
 
     @property
@@ -203,29 +230,40 @@ class RoutedModule(nn.Module):
                 Route(0, 0, r)  # validates the number
         self.control.ratio_override = ratio
 
+    # -- the routing generator's state (for accelerate's save_state / load_state) ------------
+    def state_dict(self) -> dict:
+        """The routing generator's state (empty without `generator=`: the selection then draws
+        from torch's global RNG, which checkpointing tools save already)."""
+        gen = self.control.generator
+        return {} if gen is None else {"generator": gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        gen = self.control.generator
+        if bool(state) != (gen is not None):
+            raise RouteError("routefx: this routing state was saved " + ("with" if state else "without")
+                             + " a routing generator, and the model is routed " + ("without" if state else "with")
+                             + " one: pass the same `generator=` to routefx.apply as in the run that saved it.")
+        if gen is not None:
+            gen.set_state(state["generator"])
+
     # -- plumbing ------------------------------------------------------------------------
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["module"], name)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_graphs()  # graphs hold references to buffers that .to() replaces
-        return super()._apply(fn, *args, **kwargs)
-
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_graphs"], state["_fast"], state["_last"], state["_deps"] = [], None, None, ({}, {})
+        state["_graphs"], state["_fast"], state["_last"], state["_deps"], state["_traced"] = [], None, None, ({}, {}), ()
+        state["_plain"] = 0
         return state
 
     def __setstate__(self, state):
-        state.setdefault("_deps", ({}, {}))  # pickled before these existed
-        state.setdefault("_drops", 0)
-        super().__setstate__(state)
+        state.setdefault("_traced", ())
+        self.__dict__.update(state)
 
-    def extra_repr(self) -> str:
-        return f"routes={[tuple(dataclasses.astuple(r)) for r in self.routes]}"
+    def __repr__(self) -> str:
+        return f"Router(routes={[tuple(dataclasses.astuple(r)) for r in self.routes]})"
+
+
+def _hook_count(m: nn.Module) -> int:
+    return (len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_pre_hooks)
+            + len(m._backward_hooks))
 
 
 def _check_names(model, routes, blocks, leaf_modules):
@@ -242,20 +280,21 @@ def _check_names(model, routes, blocks, leaf_modules):
 def _dependencies(routed, gm):
     """What a captured graph relies on in the model, to notice replacements after capture (bug C).
 
-    Returns ({id: module}, {(id, name): owner}). The modules: `routed`, every module the trace
+    Returns ({id: module}, {(id, name): owner}, traced). The modules: every module the trace
     went into, and their children that are not leaves (so that e.g. an append to a then-empty
     ModuleList counts); the graph depends on which object each holds under each name. The
     attributes: each parameter or buffer the graph reads with `get_attr`. Leaves (`call_module`
     targets) run live, so changes inside them are seen without a new capture and not recorded.
+    `traced`: the modules the trace went into (the root aside), whose hooks the graph does not run.
     """
-    model = routed._modules["module"]
+    model = routed.model
     called, paths, reads = set(), {""}, []
     for n in gm.graph.nodes:
         if n.op == "call_module":
             called.add(n.target)
             paths.add(n.target)
         elif n.op == "get_attr":
-            owner, _, name = n.target.rpartition(".")
+            owner, _, name = n.target.removeprefix(LIVE + ".").rpartition(".")
             reads.append((owner, name))
             paths.add(owner)
         for k, v in (n.meta.get("nn_module_stack") or {}).items():
@@ -264,13 +303,15 @@ def _dependencies(routed, gm):
         while p:
             p = p.rpartition(".")[0]
             paths.add(p)
-    mods = {id(routed): routed}
+    mods, traced = {}, []
     for path in paths - called:
         try:
             m = model.get_submodule(path)
         except AttributeError:  # graph-own modules (route selectors) and constants
             continue
         mods[id(m)] = m
+        if path:
+            traced.append((m, 0))
         for name, child in m._modules.items():
             if child is not None and (f"{path}.{name}" if path else name) not in called:
                 mods[id(child)] = child
@@ -282,7 +323,7 @@ def _dependencies(routed, gm):
             continue
         if name in owner._parameters or name in owner._buffers:
             attrs[(id(owner), name)] = owner
-    return mods, attrs
+    return mods, attrs, traced
 
 
 def _fast_key(training, args, kwargs, keep_batch):
@@ -328,23 +369,19 @@ def _split_example(example):
     return tuple(example), {}
 
 
-def _strip_prefix(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k.startswith(prefix + _PREFIX)]:
-        state_dict[prefix + key[len(prefix) + len(_PREFIX):]] = state_dict.pop(key)
-
-
-def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _PREFIX)]:
-        state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
-
-
 def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect=None, leaf_modules=(),
           generator=None, static_batch=False, compile=None, fp32_after_route=False,
-          shared_indices=None, verify=True, ordered=None, per_token=(), not_per_token=()) -> RoutedModule:
+          shared_indices=None, verify=True, ordered=None, per_token=(), not_per_token=()) -> nn.Module:
     """Route tokens around blocks of `model` during training (TREAD), without editing its code.
 
+    In place: `model` keeps its class, parameter names, `state_dict` and hooks, and is returned
+    (for chaining). Its `forward` attribute becomes a `Router` (`routefx.router(model)`); eval
+    mode runs the model's own forward; `routefx.remove(model)` undoes it. Apply before wrapping
+    the model in DDP / `torch.compile` / accelerate's `prepare`; FSDP2's `fully_shard` may come
+    before or after.
+
     Args:
-        model: any `nn.Module` whose forward runs a chain of blocks over tokens. Not modified.
+        model: any `nn.Module` whose forward runs a chain of blocks over tokens.
         routes: `[(start, end, ratio), ...]` or `Route`s; indices into the block chain, negative
             ones counted from the end; routes must not overlap.
         example_inputs: optional args tuple (or `(args, kwargs)`, or a kwargs dict) to capture
@@ -378,26 +415,40 @@ def apply(model: nn.Module, routes, *, example_inputs=None, blocks=None, protect
         not_per_token: names of inputs / parameters that never follow the tokens, whatever
             their shape (a text context or a learned memory as long as the image).
     Returns:
-        A `RoutedModule`: call it like the model; in eval mode it IS the original forward.
+        `model` itself, routed.
 
     Example:
         >>> from routefx.backbones import create
-        >>> routed = apply(create("DiT-T/2", input_size=8), routes=[(1, 4, 0.5)])
+        >>> model = create("DiT-T/2", input_size=8)
+        >>> apply(model, routes=[(1, 4, 0.5)]) is model
+        True
         >>> x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 2])
-        >>> routed(x, t, y).shape
-        torch.Size([2, 8, 8, 8])
+        >>> model(x, t, y).shape, [i.ids.shape for i in router(model).routing]
+        (torch.Size([2, 8, 8, 8]), [torch.Size([2, 8])])
     """
-    if isinstance(model, RoutedModule):
-        model = remove(model)
     if not isinstance(model, nn.Module):
-        raise RouteError(f"routefx.apply needs an nn.Module, got {type(model).__name__}. Apply it before "
-                         f"wrapping in DDP or torch.compile.")
-    if any(isinstance(m, RoutedModule) for m in model.modules()):
-        raise RouteError("This model already contains a RoutedModule: call routefx.remove on it first.")
-    return RoutedModule(model, routes, example_inputs=example_inputs, blocks=blocks, protect=protect,
-                        leaf_modules=leaf_modules, generator=generator, static_batch=static_batch,
-                        compile=compile, fp32_after_route=fp32_after_route, shared_indices=shared_indices,
-                        verify=verify, ordered=ordered, per_token=per_token, not_per_token=not_per_token)
+        raise RouteError(f"routefx.apply needs an nn.Module, got {type(model).__name__}.")
+    for kind, inner in _WRAPPERS:
+        if type(model).__name__ == kind and hasattr(model, inner):
+            raise RouteError(f"routefx.apply got a {kind}: route the model inside it, before wrapping: "
+                             f"routefx.apply(model.{inner}, routes) routes it in place, the wrapper included.")
+    remove(model)  # applying again replaces the routes
+    nested = [n for n, m in model.named_modules() if n and _as_router(m.__dict__.get("forward"))]
+    if nested:
+        raise RouteError(f"Module '{nested[0]}' of this model is routed already: routefx.remove(model.{nested[0]}) "
+                         f"first (one route set per model).")
+    r = Router(model, routes, blocks=blocks, protect=protect,
+               leaf_modules=leaf_modules, generator=generator, static_batch=static_batch,
+               compile=compile, fp32_after_route=fp32_after_route, shared_indices=shared_indices,
+               verify=verify, ordered=ordered, per_token=per_token, not_per_token=not_per_token)
+    model.forward = r  # an instance attribute: nn.Module.__call__ (and its hooks) calls it
+    if example_inputs is not None:
+        r.capture_now(example_inputs)
+    return model
+
+
+_WRAPPERS = (("DistributedDataParallel", "module"), ("OptimizedModule", "_orig_mod"),
+             ("DataParallel", "module"))
 
 
 def _names(names) -> tuple:
@@ -407,19 +458,56 @@ def _names(names) -> tuple:
     return names
 
 
+def _as_router(f):
+    """The Router behind an instance `forward` (itself, or bound to the model as a method)."""
+    f = getattr(f, "__func__", f)
+    return f if isinstance(f, Router) else None
+
+
 def remove(model: nn.Module) -> nn.Module:
-    """Return the original module of a `RoutedModule` (anything else is returned unchanged)."""
-    return model.module if isinstance(model, RoutedModule) else model
+    """Undo `apply` on `model` (in place; anything not routed is left as it is); returns it."""
+    r = _as_router(model.__dict__.get("forward")) if isinstance(model, nn.Module) else None
+    if not isinstance(r, Router) and isinstance(model, nn.Module) \
+            and isinstance(model.__dict__.get("_original_forward"), Router):
+        raise RouteError("routefx.remove: model.forward was wrapped after routefx.apply (accelerate's mixed "
+                         "precision does this in prepare); unwrap it first: "
+                         "model = accelerator.unwrap_model(model, keep_fp32_wrapper=False), then remove.")
+    if isinstance(r, Router):
+        del model.__dict__["forward"]
+        if r.previous is not None:
+            model.__dict__["forward"] = r.previous
+        r._drop_graphs()
+    return model
 
 
-def _find_routed(model) -> RoutedModule:
+def router(model) -> Router:
+    """The `Router` of a routed model, also through DDP, `torch.compile`, accelerate and peft
+    wrappers (the first routed module found)."""
     for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if isinstance(m, RoutedModule):
-            return m
-    found = [m for m in model.modules() if isinstance(m, RoutedModule)] if isinstance(model, nn.Module) else []
-    if not found:
-        raise RouteError("No RoutedModule found: call routefx.apply(model, routes) first.")
-    return found[0]
+        if isinstance(m, nn.Module):
+            for f in (m.__dict__.get("forward"), m.__dict__.get("_original_forward")):
+                if _as_router(f):
+                    return _as_router(f)
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if _as_router(m.__dict__.get("forward")):
+                return _as_router(m.__dict__["forward"])
+    raise RouteError("No routed model found: call routefx.apply(model, routes) first.")
+
+
+_find_routed = router
+
+
+@contextlib.contextmanager
+def unrouted(model):
+    """Run the routed `model`'s own forward in training mode too (a dense step beside routed
+    ones, e.g. in a benchmark)."""
+    r = router(model)
+    r._plain += 1
+    try:
+        yield model
+    finally:
+        r._plain -= 1
 
 
 @contextlib.contextmanager

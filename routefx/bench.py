@@ -133,7 +133,8 @@ def _create(name: str, input_size, device) -> nn.Module:
 
 def _chain(model, inputs) -> tuple:
     """(block names, tokens N, prefix, hidden size) as routefx sees them, from a ratio-0 capture."""
-    rg = routefx.apply(model, [(0, 0, 0.0)], example_inputs=inputs)._graphs[0][1]
+    rg = routefx.router(routefx.apply(model, [(0, 0, 0.0)], example_inputs=inputs))._graphs[0][1]
+    routefx.remove(model)
     dim = rg.streams.primary.meta["routefx"]["spec"].shape[-1]  # the token stream at block 0
     return list(rg.chain.names), rg.streams.num_tokens, rg.streams.protect, dim
 
@@ -179,13 +180,25 @@ class HandTread(nn.Module):
         return m.unpatchify(m.final_layer(h, c))  # (N, C, H, W)
 
 
+class Dense(nn.Module):
+    """The dense arm: the routed model's own forward, in training mode too (routefx routes in
+    place, so the dense and routed arms share one model object)."""
+
+    def __init__(self, routed):
+        super().__init__()
+        self.model = routed
+
+    def forward(self, *args, **kwargs):
+        return routefx.router(self.model).plain_forward(*args, **kwargs)
+
+
 def _arms(model, routed, routes, mode: str = "eager", blocks=()) -> dict:
     """name -> callable for each arm; `hand` is None off the DiT family.
 
     `compiled` wraps each arm in `torch.compile`; `regional` compiles the modules named in `blocks`
     in place, which every arm then calls (the arms stay uncompiled around them).
     """
-    eager = {"dense": model, "routefx": routed,
+    eager = {"dense": Dense(routed), "routefx": routed,
              "hand": HandTread(model, routes) if isinstance(model, DiT) else None}
     if mode == "eager":
         return eager
@@ -290,7 +303,7 @@ def _time_apply(model, routes, inputs, device) -> tuple:
 def _eval_forward(model, routed, inputs, amp, rounds, device, mode) -> dict:
     routed.eval()  # the original module's mode follows
     with torch.no_grad(), amp:
-        times = time_rounds({"dense": model, "routefx": routed}, lambda a: a(*inputs), rounds + 1, device)
+        times = time_rounds({"dense": Dense(routed), "routefx": routed}, lambda a: a(*inputs), rounds + 1, device)
     routed.train()
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     return {"compiled": mode == "regional", "dense_ms": med["dense"], "routefx_ms": med["routefx"],

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ._tree import flatten
 from .errors import INSPECT_HINT, RouteError
 from .ops import scatter_joined, scatter_tokens
-from .passes.fake_run import not_real, state_kept
+from .passes.fake_run import not_real, own_forward, state_kept
 from .passes.streams import declarable
 
 __all__ = ["check_routes"]
@@ -179,7 +179,7 @@ class _EndsChecked(torch.fx.Interpreter):
 
 def _model_outputs(model, args, kwargs, seed):
     torch.manual_seed(seed)
-    out = model(*args, **kwargs)
+    out = own_forward(model)(*args, **kwargs)
     return [x for x in flatten(out, is_leaf=lambda x: isinstance(x, torch.Tensor))[0] if isinstance(x, torch.Tensor)]
 
 

@@ -5,7 +5,7 @@ import subprocess
 
 import networkx as nx
 
-from .api import apply
+from .api import apply, remove, router
 
 __all__ = ["block_graph", "to_dot", "draw_routes"]
 
@@ -94,7 +94,8 @@ def _matplotlib(g: nx.DiGraph, path: str):
 def draw_routes(model, args, kwargs, routes, path: str, **apply_kw) -> str:
     """Write the routed block-level graph to `path` (.dot, .svg or .png); returns the tool used."""
     routed = apply(model, routes, example_inputs=(args, kwargs), **apply_kw)
-    rg = routed._graphs[0][1]
+    rg = router(routed)._graphs[0][1]
+    remove(model)
     g = block_graph(rg.gm, rg.routes)
     dot = to_dot(g)
     if path.endswith(".dot"):

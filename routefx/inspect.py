@@ -18,7 +18,7 @@ import traceback
 import torch
 from torch import nn
 
-from .api import apply
+from .api import apply, remove, router
 from .errors import RouteError
 from .flops import count_flops, tread_flop_ratio, uncounted_line
 from .route import Route, paper_route
@@ -119,8 +119,8 @@ def inspect_model(model: nn.Module, args: tuple, kwargs: dict, routes=None, chec
     compute that no formula counted (`uncounted`, name -> calls).
     """
     model.train()
-    probe = apply(model, [], example_inputs=(args, kwargs), **apply_kw)
-    rg0 = probe._graphs[0][1]
+    rg0 = router(apply(model, [], example_inputs=(args, kwargs), **apply_kw))._graphs[0][1]
+    remove(model)  # (routes in place: the model is left as it came)
     routes = list(routes) if routes else [paper_route(len(rg0.chain))]
     fwd, step = count_flops(lambda: model(*args, **kwargs)), count_flops(_step(model, args, kwargs))
     model.zero_grad(set_to_none=True)
@@ -153,11 +153,12 @@ def _dim(streams):
 
 def _route_report(model, args, kwargs, route, dense, apply_kw) -> dict:
     routed = apply(model, [route], example_inputs=(args, kwargs), **apply_kw)
-    rg = routed._graphs[0][1]
+    rg = router(routed)._graphs[0][1]
     plan = rg.plans[0]
     routed.train()
     fwd, step = count_flops(lambda: routed(*args, **kwargs)), count_flops(_step(routed, args, kwargs))
     model.zero_grad(set_to_none=True)
+    remove(model)
     r = plan.route
     estimate = None if dense["dim"] is None else tread_flop_ratio(
         len(rg.chain), [r], plan.num_tokens, dense["dim"], protect=plan.protect)
@@ -170,6 +171,9 @@ def _route_report(model, args, kwargs, route, dense, apply_kw) -> dict:
 
 
 def _check(model, args, kwargs, routes, apply_kw) -> dict:
+    model.eval()
+    with torch.no_grad():
+        plain = model(*args, **kwargs)
     routed = apply(model, routes, example_inputs=(args, kwargs), **apply_kw)
     routed.train()
     _step(routed, args, kwargs)()
@@ -177,8 +181,9 @@ def _check(model, args, kwargs, routes, apply_kw) -> dict:
     model.zero_grad(set_to_none=True)
     routed.eval()
     with torch.no_grad():
-        same = _equal(routed(*args, **kwargs), model(*args, **kwargs))
+        same = _equal(routed(*args, **kwargs), plain)
     model.train()
+    remove(model)
     return {"train_step_ok": True, "all_parameters_got_grad": grads, "eval_equals_original": same}
 
 

@@ -25,7 +25,9 @@ from ._tree import flatten
 from .errors import INSPECT_HINT, RouteError
 from .route import resolve_routes
 
-__all__ = ["RoutedGraph", "build", "rng_preserved"]
+__all__ = ["RoutedGraph", "build", "rng_preserved", "LIVE"]
+
+LIVE = "_routefx_model"  # the graph's handle on the model: its parameters and buffers are read live
 
 log = logging.getLogger("routefx")
 
@@ -92,7 +94,8 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
     with rng_preserved(_tensors(args, kwargs)):
         explicit = explicit_blocks(model, blocks) if blocks is not None else None
         candidates = set(explicit or block_candidates(model))
-        cap = capture(model, args, kwargs, candidates | set(leaf_modules), keep_batch=keep_batch, fake=fake)
+        leaves = candidates | set(leaf_modules) | hooked_modules(model, candidates)
+        cap = capture(model, args, kwargs, leaves, keep_batch=keep_batch, fake=fake)
         example = cap.example
         with _stage("find_blocks"):
             chain = find_chain(cap.gm, candidates, explicit)
@@ -122,11 +125,50 @@ def _build(model, args, kwargs, routes, control, *, blocks=None, protect=None, l
             _verify(cap, example, len(plans), model, real)
         finally:
             control.generator = user_generator
+        read_live(cap.gm, model)
     rg = RoutedGraph(cap.gm, cap.rebuild_output, chain, streams, plans, resolved, cap.guards,
                      time.perf_counter() - t0, batch_baked=cap.batch_baked)
     log.info("routefx: captured %s (%d blocks, %d routes) in %.2fs", type(model).__name__,
              len(chain), len(plans), rg.seconds)
     return rg
+
+
+def hooked_modules(model, blocks) -> set:
+    """Modules with hooks (an FSDP2 unit, activation checkpointing, a user's hook), which must be
+    called as modules (leaves) for their hooks to run: tracing through one would drop them. One
+    that holds blocks cannot be a leaf: refused, naming it."""
+    out = set()
+    for name, m in model.named_modules():
+        if name and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks):
+            inner = sorted(b for b in blocks if b.startswith(name + "."))
+            if inner:
+                raise RouteError(f"Module '{name}' ({type(m).__name__}) has hooks (e.g. it is an FSDP2 unit or "
+                                 f"checkpointed) and holds the blocks {inner[:3]}: routefx traces through it to "
+                                 f"reach them, and its hooks would not run. Put the hooks (fully_shard, "
+                                 f"checkpointing) on the blocks themselves, or pass blocks=[...] naming "
+                                 f"'{name}' and its peers. {INSPECT_HINT}")
+            out.add(name)
+    return out
+
+
+def read_live(gm: fx.GraphModule, model) -> None:
+    """Make the graph read the model's parameters and buffers where they are at run time (not
+    the tensors of capture time): FSDP2 swaps sharded and unsharded parameters, `.to()` replaces
+    buffers, and the graph must follow. Each `get_attr` of the model goes through `gm.<LIVE>`, a
+    plain reference to the model (not a submodule: the graph does not own its parameters)."""
+    object.__setattr__(gm, LIVE, model)
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not n.target.startswith(LIVE + "."):
+            owner, _, name = n.target.rpartition(".")
+            try:
+                holder = model.get_submodule(owner)
+            except AttributeError:
+                continue  # the graph's own constants
+            if name in holder._parameters or name in holder._buffers:
+                n.target, changed = f"{LIVE}.{n.target}", True
+    if changed:
+        gm.recompile()
 
 
 def _user_stacklevel() -> int:

@@ -39,7 +39,7 @@ def main(argv=None):
             t = time.perf_counter()
             routed(*a, **k)
             second = time.perf_counter() - t
-            s = routed._graphs[0][1].seconds
+            s = routefx.router(routed)._graphs[0][1].seconds
             times.append(s)
             print(f"{name:40s} {case:18s} {s:6.2f}s  {second * 1e3:6.1f}ms")
     print(f"median {statistics.median(times):.2f}s, max {max(times):.2f}s over {len(times)} captures")

@@ -24,7 +24,7 @@ def _digest(model, routed):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {"param_sum": flat.double().sum().item(), "param_head": flat[:64].tolist(),
             "params": [p.detach().double().sum().item() for p in model.parameters()],
-            "ids": routed.routing[0].ids.tolist()}
+            "ids": routefx.router(routed).routing[0].ids.tolist()}
 
 
 def eager(rank):

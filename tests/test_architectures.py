@@ -68,7 +68,7 @@ def assert_close(a, b, atol=ATOL):
 
 
 def plan_of(routed, i=0):
-    return routed._graphs[-1][1].plans[i]
+    return routefx.router(routed)._graphs[-1][1].plans[i]
 
 
 def check_eval_and_ratio_zero(model, routes, args, kwargs=None):
@@ -146,7 +146,7 @@ def test_uvit_matches_hand_written_reference(route):
     x, t, y = uvit_inputs(model, 3)
     routed, out, ref = run_both(model, [route], (x, t, y), lambda *a: tread_uvit(model, *a, route))
     assert_close(out, ref)
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     assert info.protect == 2 and info.num_tokens == 66
     assert info.ids.shape == (3, 2 + 64 - int(64 * route[2]))
 
@@ -167,7 +167,7 @@ def test_uvit_hypothesis_all_routes(route, batch):
     x, t, y = uvit_inputs(model, batch)
     routed, out, ref = run_both(model, [route], (x, t, y), lambda *a: tread_uvit(model, *a, route))
     assert_close(out, ref)
-    assert (routed.routing[0].ids[:, :2] == torch.tensor([0, 1])).all()
+    assert (routefx.router(routed).routing[0].ids[:, :2] == torch.tensor([0, 1])).all()
 
 
 def test_uvit_eval_ratio_zero_protect_and_gradients():
@@ -178,7 +178,7 @@ def test_uvit_eval_ratio_zero_protect_and_gradients():
     routed = routefx.apply(model, [(1, 5, 0.75)])
     model.zero_grad()
     routed(x, t, y).square().mean().backward()
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     assert (info.ids[:, :2] == torch.tensor([0, 1])).all(), "time and label tokens are kept"
     assert not info.mask[:, :2].any()
     assert info.mask[:, 2:].sum(1).eq(int(64 * 0.75)).all()
@@ -244,7 +244,7 @@ def test_timm_matches_reference_and_protects_prefix(name):
     x = torch.randn(3, 3, size, size)
     for route in routes:
         routed, out, ref = run_both(model, [route], (x,), lambda x: tread_timm_vit(model, x, route, prefix))
-        assert routed.routing[0].protect == prefix
+        assert routefx.router(routed).routing[0].protect == prefix
         assert_close(out, ref)
     check_eval_and_ratio_zero(model, routes[:1], (x,))
 
@@ -264,7 +264,7 @@ def test_timm_bypassed_tokens_unchanged(name):
     routed(torch.randn(4, 3, size, size))
     for h in hooks:
         h.remove()
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     before = seen[s - 1][1]
     after = seen[e + 1][0] if e + 1 < len(blocks) else seen["norm"][0]
     m = info.mask
@@ -454,7 +454,7 @@ def test_single_stream_text_prefix_is_protected(route):
         return model.out(h[:, T:])
 
     routed, out, want = run_both(model, [route], inputs, ref)
-    assert routed.routing[0].protect == 5
+    assert routefx.router(routed).routing[0].protect == 5
     assert_close(out, want)
 
 
@@ -701,7 +701,7 @@ def test_shape_introspection_before_blocks_trace_batch_2_run_batch_7():
     routed, out, want = run_both(model, [route], (x,), ref, example=(torch.randn(2, C_IN, SIDE, SIDE),))
     assert out.shape == (7, C_IN, SIDE, SIDE)
     assert_close(out, want)
-    assert len(routed._graphs) == 1, "batch 7 reuses the batch-2 graph"
+    assert len(routefx.router(routed)._graphs) == 1, "batch 7 reuses the batch-2 graph"
 
 
 # ---------------------------------------------------------------- g. refusals
@@ -843,13 +843,13 @@ def test_unbatched_table_needs_shared_indices_then_matches_reference():
         routefx.apply(model, [(1, 2, 0.5)], example_inputs=(x,), shared_indices=False)
     with pytest.warns(UserWarning, match="ONE index set for the whole batch.*'table'"):
         auto = routefx.apply(model, [(1, 2, 0.5)], example_inputs=(x,))  # the default: shared, said
-    assert auto._graphs[0][1].plans[0].shared_indices
+    assert routefx.router(auto)._graphs[0][1].plans[0].shared_indices
     routed = routefx.apply(model, [(1, 2, 0.5)], shared_indices=True)
     torch.manual_seed(0)
     out = routed(x)
     torch.manual_seed(0)
     ids = torch.rand(1, N_IMG).argsort(1)[:, : N_IMG - N_IMG // 2].sort(1).values  # ONE draw for the batch
-    assert torch.equal(routed.routing[0].ids, ids.expand(3, -1))
+    assert torch.equal(routefx.router(routed).routing[0].ids, ids.expand(3, -1))
     h = patchify_embed(model.patch, x)
     h = model.blocks[0](h, model.table)
     kept = gather(h, ids.expand(3, -1))
@@ -870,7 +870,7 @@ def test_rotary_table_text_rows_first_is_gathered_at_image_offset():
     routed = routefx.apply(model, [route], shared_indices=True)
     torch.manual_seed(0)
     out = routed(x, t, txt)
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     ids = info.ids
     # an unbatched table can only follow batch-shared indices
     assert (ids == ids[:1]).all(), "indices must be shared across the batch for an unbatched table"
@@ -936,7 +936,7 @@ def test_rotary_table_without_prefix_rows_is_gathered_per_patch_token(batched_ta
     routed = routefx.apply(model, [route], shared_indices=True)
     torch.manual_seed(0)
     out = routed(x)
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     assert info.protect == 1 and info.num_tokens == N_IMG + 1
     torch.manual_seed(0)
     ids = kept_ids(1, N_IMG, 0.5, protect=1).expand(3, -1)  # one draw shared by the batch
@@ -987,7 +987,7 @@ def test_table_broadcast_against_heads_is_refused_per_sample_even_when_batch_equ
     out = routed(x)
     torch.manual_seed(0)
     ids = kept_ids(1, N_IMG, 0.5, protect=1).expand(2, -1)
-    assert torch.equal(routed.routing[0].ids, ids)
+    assert torch.equal(routefx.router(routed).routing[0].ids, ids)
     sub = model.rope[:, ids[0, 1:] - 1]  # (1, kept patches, head_dim): still broadcasts over heads
     h = torch.cat([torch.zeros_like(patchify_embed(model.patch, x)[:, :1]), patchify_embed(model.patch, x)], 1)
     for i, blk in enumerate(model.blocks):

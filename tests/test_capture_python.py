@@ -64,13 +64,13 @@ def test_root_forward_python_routes_like_the_reference(cls):
         torch.manual_seed(7)
         ref, ids = _reference(model, args, ROUTE, protect)
         ref.square().mean().backward()
-        assert torch.equal(routefx.api._find_routed(routed).routing[0].ids, ids)
+        assert torch.equal(routefx.router(routed).routing[0].ids, ids)
         assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
         for n, p in model.named_parameters():
             assert (got[n] is None) == (p.grad is None), n
             assert got[n] is None or torch.allclose(got[n], p.grad, atol=1e-6), n
         model.zero_grad(set_to_none=True)
-    assert routed.plans[0].protect == protect
+    assert routefx.router(routed).plans[0].protect == protect
 
 
 def test_output_object_keeps_its_type_and_fields():
@@ -115,7 +115,7 @@ def test_a_constant_from_shapes_is_guarded():
     torch.manual_seed(3)
     assert torch.allclose(a, _reference(model, (big,), ROUTE)[0], atol=1e-6)
     routed(small)
-    assert len(routed._graphs) == 2
+    assert len(routefx.router(routed)._graphs) == 2
 
 
 def test_data_dependent_tolist_is_still_refused():
@@ -137,7 +137,7 @@ def test_python_that_bakes_the_batch_size_in_retraces_per_batch_size():
     for batch in (2, 3, 2):
         for r in routed:
             r(*_inputs("x", batch))
-    assert [[rg.batch_baked for _, rg in r._graphs] for r in routed] == [[True, True], [False], [False]]
+    assert [[rg.batch_baked for _, rg in routefx.router(r)._graphs] for r in routed] == [[True, True], [False], [False]]
 
 
 @pytest.mark.parametrize("how", ["lru", "module_lru", "dict", "attr", "buffer"])

@@ -39,7 +39,7 @@ def _same(model, routed, args, reference):
     torch.manual_seed(3)
     ref, ids = reference(*args)
     ref.square().mean().backward()
-    assert torch.equal(routed.routing[0].ids, ids)
+    assert torch.equal(routefx.router(routed).routing[0].ids, ids)
     assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
@@ -59,7 +59,7 @@ def test_alternating_layer_types_form_one_chain(route):
         h, ids = _tread(model.layers, model.embed(patchify(x)), route)
         return model.head(h), ids
     _same(model, routed, (x,), reference)
-    assert routed._graphs[0][1].chain.names == [f"layers.{i}" for i in range(8)]
+    assert routefx.router(routed)._graphs[0][1].chain.names == [f"layers.{i}" for i in range(8)]
 
 
 @pytest.mark.parametrize("text_len", [3, 16])  # 16 = the image token count
@@ -73,7 +73,7 @@ def test_refiner_stacks_and_embedders_are_not_the_chain(text_len):
         h, ids = _tread(model.layers, model.prep(x, text, t), (1, 3, 0.5), protect=text_len)
         return model.head(h[:, text_len:]), ids
     _same(model, routed, args, reference)
-    rg = routed._graphs[0][1]
+    rg = routefx.router(routed)._graphs[0][1]
     assert rg.chain.names == [f"layers.{i}" for i in range(5)]
     assert rg.plans[0].protect == text_len  # the text in front of the image is never routed
     assert ["noise_refiner.0", "noise_refiner.1"] + [f"layers.{i}" for i in range(5)] in rg.chain.alternatives
@@ -98,5 +98,5 @@ def test_leaf_returning_a_tuple_is_gathered_element_by_element():
         h, ids = _tread(model.blocks, h, (1, 3, 0.5), shared=True, extra=rope)
         return model.head(h), ids
     _same(model, routed, (x,), reference)
-    kinds = [g["kind"] for g in routed.plans[0].gathered]
-    assert kinds.count("table0") == 2 and routed.plans[0].shared_indices
+    kinds = [g["kind"] for g in routefx.router(routed).plans[0].gathered]
+    assert kinds.count("table0") == 2 and routefx.router(routed).plans[0].shared_indices

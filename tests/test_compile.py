@@ -1,4 +1,6 @@
 """torch.compile / dynamo on a routed DiT: one graph, no breaks, same numbers as eager."""
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from helpers import dit_inputs, tiny_dit
 def test_dynamo_sees_one_graph_without_breaks():
     routed = routefx.apply(tiny_dit(), [(1, 4, 0.5)], example_inputs=dit_inputs(2))
     torch._dynamo.reset()
-    for fn in (routed, routed._graphs[0][1].gm):
+    for fn in (routed, routefx.router(routed)._graphs[0][1].gm):
         report = torch._dynamo.explain(fn)(*dit_inputs(2))
         assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
         torch._dynamo.reset()
@@ -46,7 +48,7 @@ def test_apply_compile_one_graph_for_every_batch_size():
     counters.clear()
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 3, 0.5)], compile=True)
-    eager = routefx.apply(model, [(1, 3, 0.5)])
+    eager = routefx.apply(copy.deepcopy(model), [(1, 3, 0.5)])  # (apply routes in place)
     for batch in (3, 5, 2):
         torch.manual_seed(batch)
         out = routed(*dit_inputs(batch))
@@ -87,8 +89,8 @@ def test_blocks_compiled_by_the_user_route_like_eager(how):
             block.compile()
         else:
             model.blocks[i] = torch.compile(block)
-    for routed in (before, routed_model()):
-        out, grads = step(routed)
+    for routed in (before, None):  # routed before the blocks were compiled, then routed again
+        out, grads = step(routed or routed_model())
         assert torch.allclose(out, ref_out, atol=1e-5, rtol=1e-4)
         assert len(grads) == len(ref_grads)
         for g, r in zip(grads, ref_grads):

@@ -39,7 +39,7 @@ def test_matches_hand_written_tread(routes, batch):
     routed, out, ref = routed_and_reference(model, routes, batch)
     assert out.shape == ref.shape == (batch, 8, 8, 8)
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5), (out - ref).abs().max()
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     n = 16
     assert info.ids.shape == (batch, n - int(n * routes[0][2]))
     assert (info.ids.diff(dim=1) > 0).all(), "indices sorted and unique per sample"
@@ -85,7 +85,7 @@ def test_bypassed_tokens_unchanged_across_span(routes, batch):
     routed(*dit_inputs(batch))
     for h in hooks:
         h.remove()
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     before = seen[s - 1][1] if s > 0 else None
     after = seen[e + 1][0] if e + 1 < len(model.blocks) else seen["final"]
     kept = seen[e][1]
@@ -114,9 +114,9 @@ def test_selection_differs_across_batch_and_matches_reference_rng():
     routed = routefx.apply(tiny_dit(), [(1, 4, 0.5)])
     x, t, y = dit_inputs(8)
     g = torch.Generator().manual_seed(5)
-    routed.control.generator = g
+    routefx.router(routed).control.generator = g
     routed(x, t, y)
-    ids = routed.routing[0].ids
+    ids = routefx.router(routed).routing[0].ids
     assert len({tuple(r.tolist()) for r in ids}) > 1
     assert torch.equal(ids, kept_ids(8, 16, 0.5, torch.Generator().manual_seed(5)))
 
@@ -126,8 +126,8 @@ def test_multiple_routes_and_negative_indices():
     routes = [(0, 2, 0.5), (4, -2, 0.25)]
     routed, out, ref = routed_and_reference(model, routes, 3)
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
-    assert [i.route for i in routed.routing] == [Route(0, 2, 0.5), Route(4, 6, 0.25)]
-    assert [i.ids.shape[1] for i in routed.routing] == [8, 12]
+    assert [i.route for i in routefx.router(routed).routing] == [Route(0, 2, 0.5), Route(4, 6, 0.25)]
+    assert [i.ids.shape[1] for i in routefx.router(routed).routing] == [8, 12]
 
 
 def test_adjacent_routes_match_reference():
@@ -140,12 +140,12 @@ def test_batch_size_stays_free_and_shape_retraces():
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)], example_inputs=dit_inputs(2))
     assert routed(*dit_inputs(7)).shape == (7, 8, 8, 8)
-    assert len(routed._graphs) == 1, "batch 7 reuses the batch-2 graph"
+    assert len(routefx.router(routed)._graphs) == 1, "batch 7 reuses the batch-2 graph"
     big = tiny_dit(input_size=16)
     routed = routefx.apply(big, [(1, 4, 0.5)])
     routed(*dit_inputs(2, input_size=16))
     big.pos_embed.data = big.pos_embed.data  # same model, other resolution would need other pos_embed
-    assert routed.routing[0].num_tokens == 64
+    assert routefx.router(routed).routing[0].num_tokens == 64
 
 
 def test_graph_cache_fast_path_never_serves_a_stale_graph():
@@ -156,34 +156,34 @@ def test_graph_cache_fast_path_never_serves_a_stale_graph():
         """Routed vs a fresh apply at the same seeds; returns how many graphs `routed` holds."""
         x, t, y = dit_inputs(batch)
         args, kwargs = ((x, t.to(t_dtype)), {"y": y}) if y_as_kwarg else ((x, t.to(t_dtype), y), {})
-        fresh = routefx.apply(model, [(1, 4, ratio)], generator=torch.Generator())
+        fresh = routefx.apply(copy.deepcopy(model), [(1, 4, ratio)], generator=torch.Generator())
         fresh.train(routed.training)
-        fresh.control.forced = routed.control.forced
+        routefx.router(fresh).control.forced = routefx.router(routed).control.forced
         outs = []
         for m in (routed, fresh):
-            m.control.generator.manual_seed(0)
+            routefx.router(m).control.generator.manual_seed(0)
             torch.manual_seed(1)
             outs.append(m(*args, **kwargs))
         assert torch.equal(*outs)
-        assert routed._last[0] is routed.graph_for(args, kwargs), "the graph the full lookup picks"
-        return len(routed._graphs)
+        assert routefx.router(routed)._last[0] is routefx.router(routed).graph_for(args, kwargs), "the graph the full lookup picks"
+        return len(routefx.router(routed)._graphs)
 
     assert [call(2), call(3)] == [1, 1], "batch 3 reuses the batch-2 graph"
     assert call(3, t_dtype=torch.float64) == 2
     assert call(3, y_as_kwarg=True) == 3
     assert [call(2), call(2)] == [3, 3], "back to the first graph"
-    routed.set_ratio(0.25)
-    assert call(2, ratio=0.25) == 3 and routed.routing[0].ids.shape == (2, 12)
-    routed.set_ratio(None)
-    routed.float()  # _apply drops every graph, the fast path's included
-    assert call(2) == 1
+    routefx.router(routed).set_ratio(0.25)
+    assert call(2, ratio=0.25) == 3 and routefx.router(routed).routing[0].ids.shape == (2, 12)
+    routefx.router(routed).set_ratio(None)
+    routed.float()  # new buffer objects: the graphs read the model's tensors live, and stay
+    assert call(2) == 3
     routed.eval()
     with routefx.force_routing(routed):
-        assert call(2) == 2, "eval mode has its own graph"
-    static = routefx.apply(model, [(1, 4, 0.5)], static_batch=True)
+        assert call(2) == 4, "eval mode has its own graph"
+    static = routefx.apply(model.train(), [(1, 4, 0.5)], static_batch=True)
     static(*dit_inputs(2))
     static(*dit_inputs(3))
-    assert len(static._graphs) == 2
+    assert len(routefx.router(static)._graphs) == 2
 
 
 def test_state_dict_is_the_original_and_remove_restores():
@@ -199,7 +199,7 @@ def test_state_dict_is_the_original_and_remove_restores():
     routed.load_state_dict(before)
     assert routefx.remove(routed) is model
     again = routefx.apply(routed, [(2, 3, 0.25)])
-    assert again.module is model and again.routes == [Route(2, 3, 0.25)]
+    assert again is model and routefx.router(again).routes == [Route(2, 3, 0.25)]
 
 
 def test_force_routing_in_eval_uses_eval_graph_and_override():
@@ -213,13 +213,13 @@ def test_force_routing_in_eval_uses_eval_graph_and_override():
     torch.manual_seed(0)
     ref = tread_dit(model, x, t, y, [Route(1, 4, 0.25)])  # eval: no label dropout
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
-    assert routed.routing[0].ids.shape[1] == 12
+    assert routefx.router(routed).routing[0].ids.shape[1] == 12
     assert torch.equal(routed(x, t, y), model(x, t, y)), "forcing ends with the context"
 
 
 def test_graph_lints_and_has_route_markers():
     routed = routefx.apply(tiny_dit(), [(1, 4, 0.5)], example_inputs=dit_inputs(2))
-    rg = routed._graphs[0][1]
+    rg = routefx.router(routed)._graphs[0][1]
     rg.gm.graph.lint()
     blocks = [n for n in rg.gm.graph.nodes if "block" in n.meta.get("routefx", {})]
     assert [n.meta["routefx"]["block"] for n in blocks] == list(range(6))

@@ -94,17 +94,17 @@ def _do_run(name, case):
         routed = routefx.apply(model, [ROUTE])
         torch.manual_seed(SEED)
         routed(*args, **kwargs)  # first training call: capture (+ one run)
-    res["chain"] = list(routed._graphs[-1][1].chain.names)
-    (resolved,) = routed._graphs[-1][1].routes
+    res["chain"] = list(routefx.router(routed)._graphs[-1][1].chain.names)
+    (resolved,) = routefx.router(routed)._graphs[-1][1].routes
     start, end = resolved.start, resolved.end
-    res.update(start=start, end=end, routed=routed, protect=routed.routing[0].protect)
+    res.update(start=start, end=end, routed=routed, protect=routefx.router(routed).routing[0].protect)
     chain = chain_expected  # hooks on the blocks the model code runs (the test asserts routefx found them)
 
     # routed training forward + backward, recording what every block sees
     with R.recorder(model, name, chain, t_len) as seen:
         torch.manual_seed(SEED)
         out = Z.sample(routed(*args, **kwargs))
-    info = routed.routing[0]
+    info = routefx.router(routed).routing[0]
     ids_all = info.ids
     ids = ids_all[:, info.protect:] - info.protect
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -112,14 +112,14 @@ def _do_run(name, case):
     res.update(out=out.detach(), ids_all=ids_all, ids=ids, seen=dict(seen), grads=_grads(model))
 
     # the hand-written reference on the original model at the same ids, same RNG state
-    with R.tread_hooks(model, name, chain, start, end, ids, ROUTE[2], t_len) as ref:
+    with R.tread_hooks(model, name, chain, start, end, ids, ROUTE[2], t_len) as ref, routefx.unrouted(model):
         torch.manual_seed(SEED)
         ref_out = Z.sample(model(*args, **kwargs))
     (ref_out * weight).mean().backward()
     res.update(ref_out=ref_out.detach(), ref=ref, ref_grads=_grads(model))
 
     # the dense forward at the same RNG state (the route must change the output)
-    with torch.no_grad():
+    with torch.no_grad(), routefx.unrouted(model):
         torch.manual_seed(SEED)
         res["dense_out"] = Z.sample(model(*args, **kwargs))
 

@@ -68,7 +68,7 @@ def test_duplicate_and_empty_route_lists():
     torch.manual_seed(0)
     a = routed(*x)
     torch.manual_seed(0)
-    assert torch.equal(a, routed.module(*x))
+    assert torch.equal(a, routed(*x))
 
 
 def test_wrong_example_inputs():

@@ -121,7 +121,7 @@ def test_flop_ratio_equals_flop_counter_on_routed_model():
     routed = routefx.apply(model, [(1, 4, 0.5)], example_inputs=args)  # capture outside the counter
     with FlopCounterMode(display=False) as fc:
         routed(*args)
-    with FlopCounterMode(display=False) as dense:
+    with FlopCounterMode(display=False) as dense, routefx.unrouted(model):
         model(*args)
     assert rep["routes"][0]["fwd_ratio"] == fc.get_total_flops() / dense.get_total_flops()
 

@@ -98,7 +98,7 @@ def test_route_semantics_at_block_boundaries(name, data):
     finally:
         for h in hooks:
             h.remove()
-    (info,) = routed.routing
+    (info,) = routefx.router(routed).routing
     n = info.num_tokens
     assert info.protect == prefix and info.ids.shape == (batch, prefix + (n - prefix) - int((n - prefix) * ratio))
     assert torch.equal(info.ids[:, :prefix], torch.arange(prefix).expand(batch, -1)), "prefix never routed"
@@ -130,7 +130,7 @@ def test_deep_route_trains_equals_original_in_eval_and_reports_crossings(name):
     opt.step()
     opt.zero_grad(set_to_none=True)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    (plan,) = routed.plans
+    (plan,) = routefx.router(routed).plans
     assert plan.route == routefx.Route(*route) and len(plan.blocks) == depth - 2
     assert plan.gathered and plan.scattered, "the crossing report lists what is gathered and scattered"
     assert all({"tensor", "shape", "kind"} <= set(g) for g in plan.gathered)

@@ -2,6 +2,7 @@
 torch.compile (recompiles counted), and a training process killed with SIGKILL in the middle of a
 checkpoint write, then resumed. docs/reliability.md lists every guarantee and its test.
 """
+import copy
 import os
 import signal
 import subprocess
@@ -202,11 +203,11 @@ def _run_schedule(how, schedule):
     opts = {"backend": "aot_eager"}
     routed = routefx.apply(model, [(1, 1, 0.5)], compile=opts if how == "inner" else None)
     fn = torch.compile(routed, **opts) if how == "outer" else routed
-    eager = routefx.apply(model, [(1, 1, 0.5)])
+    eager = routefx.apply(copy.deepcopy(model), [(1, 1, 0.5)])  # (apply routes in place)
     graphs = []
     for step, ratio in enumerate(schedule):
-        routed.set_ratio(ratio)
-        eager.set_ratio(ratio)
+        routefx.router(routed).set_ratio(ratio)
+        routefx.router(eager).set_ratio(ratio)
         torch.manual_seed(step)
         out = fn(*dit_inputs(3, seed=step))
         out.square().mean().backward()

@@ -53,7 +53,7 @@ def check_exact(model, args, route, ref, **kw):
     torch.manual_seed(SEED)
     want, ids = ref()
     (want * w).sum().backward()
-    assert torch.equal(routefx.api._find_routed(routed).routing[0].ids, ids)
+    assert torch.equal(routefx.router(routed).routing[0].ids, ids)
     assert torch.allclose(out, want, atol=1e-10, rtol=1e-8), (out - want).abs().max()
     for n, p in model.named_parameters():
         assert (p.grad is None) == (n not in got), n
@@ -62,7 +62,7 @@ def check_exact(model, args, route, ref, **kw):
     routed.eval()
     with torch.no_grad():
         assert torch.equal(routed(*args), model(*args))
-    return routefx.api._find_routed(routed)
+    return routefx.router(routed)
 
 
 ROUTES = [(1, 3, 0.5), (0, 4, 0.25), (2, 4, 0.75), (4, 4, 0.5)]  # (.., 4): ends at the last block
@@ -174,19 +174,19 @@ def test_check_status_and_no_trace_left():
     rng = torch.get_rng_state()
     routed = routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,))
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(model.bn.running_mean, bn)
-    assert routed._graphs[0][1].check == "passed"
-    assert routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,), verify=False)._graphs[0][1].check == "not run"
-    assert routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,), ordered=True)._graphs[0][1].check.startswith("skipped")
+    assert routefx.router(routed)._graphs[0][1].check == "passed"
+    assert routefx.router(routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,), verify=False))._graphs[0][1].check == "not run"
+    assert routefx.router(routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,), ordered=True))._graphs[0][1].check.startswith("skipped")
     from routefx.backbones import create
     dim = create("DiM-T/2")
     xd, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 2])
-    assert routefx.apply(dim, [(2, 3, 0.5)], example_inputs=(xd, t, y))._graphs[0][1].check.startswith("skipped: the blocks read")
+    assert routefx.router(routefx.apply(dim, [(2, 3, 0.5)], example_inputs=(xd, t, y)))._graphs[0][1].check.startswith("skipped: the blocks read")
 
 
 def _broken_end(routed, how):
     """The routed graph of `routed` with its first route end broken as `how` says (a routefx bug
     simulated on the graph)."""
-    rg = routefx.api._find_routed(routed)._graphs[0][1]
+    rg = routefx.router(routed)._graphs[0][1]
     graph = rg.gm.graph
     end = next(n for n in graph.nodes if n.op == "call_function" and n.target is routefx.ops.scatter_tokens)
     base, sel, kept = end.args
@@ -212,7 +212,7 @@ def test_route_end_check_reports_a_broken_end(how, message):
     bug naming the route and the tensor; the intact graph passes."""
     model, x = _model(M.Normed), _inputs(3)
     routed = routefx.apply(model, [(1, 3, 0.5)], example_inputs=(x,))
-    inner = routefx.api._find_routed(routed)
+    inner = routefx.router(routed)
     tensors = [x]
     routefx.check.bypass_check(model, inner._graphs[0][1], tensors, inner.control)  # intact: passes
     rg = _broken_end(routed, how)
@@ -228,5 +228,5 @@ def test_check_keeps_the_routing_generator():
     for verify in (True, False):
         routed = routefx.apply(model, [(1, 3, 0.5)], generator=torch.Generator().manual_seed(3), verify=verify)
         routed(x)
-        ids.append(routefx.api._find_routed(routed).routing[0].ids)
+        ids.append(routefx.router(routed).routing[0].ids)
     assert torch.equal(*ids)

@@ -17,7 +17,7 @@ def test_state_dict_round_trips_both_ways():
     routed = routefx.apply(tiny_dit(seed=0), [(1, 4, 0.5)])
     plain = tiny_dit(seed=1)
     routed.load_state_dict(plain.state_dict())           # plain -> routed
-    assert all(torch.equal(a, b) for a, b in zip(routed.module.state_dict().values(), plain.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(routed.state_dict().values(), plain.state_dict().values()))
     other = tiny_dit(seed=2)
     other.load_state_dict(routed.state_dict())            # routed -> plain, strict
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), plain.state_dict().values()))
@@ -31,7 +31,7 @@ def test_deepcopy_and_torch_save_of_routed_model():
     routed = routefx.apply(model, [(1, 4, 0.5)])
     routed(*dit_inputs(2))                                # captured graph exists
     twin = copy.deepcopy(routed)
-    assert twin.module is not model and twin._graphs == []
+    assert twin is not model and routefx.router(twin)._graphs == [] and routefx.router(twin).model is twin
     buf = io.BytesIO()
     torch.save(routed, buf)
     buf.seek(0)
@@ -42,20 +42,23 @@ def test_deepcopy_and_torch_save_of_routed_model():
         torch.manual_seed(0)
         b = routed(*dit_inputs(3))
         assert torch.equal(a, b)
-        assert m.routes == routed.routes
+        assert routefx.router(m).routes == routefx.router(routed).routes
 
 
-def test_to_dtype_after_apply_recaptures():
+def test_to_dtype_after_apply_reads_the_new_tensors():
+    """The graph reads the model's parameters and buffers where they are at run time: after
+    `.to()` there and back (new buffer objects), a routed step equals a fresh apply's."""
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
     routed(*dit_inputs(2))
     routed.to(torch.float64)
-    assert routed._graphs == [], ".to() drops graphs that hold stale buffers"
-    x, t, y = dit_inputs(2)
-    with pytest.raises(RuntimeError):  # DiT's own timestep embedding is float32: eager fails too
-        model(x.double(), t.double(), y)
     routed.to(torch.float32)
-    assert routed(x, t, y).dtype == torch.float32
+    x, t, y = dit_inputs(2)
+    torch.manual_seed(0)
+    got = routed(x, t, y)
+    fresh = routefx.apply(copy.deepcopy(model), [(1, 4, 0.5)])
+    torch.manual_seed(0)
+    assert got.dtype == torch.float32 and torch.equal(got, fresh(x, t, y))
 
 
 def test_optimizer_made_before_apply_still_trains():
@@ -143,14 +146,14 @@ def test_activation_checkpointing_applied_after_the_first_step_takes_effect():
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
     loss0, grads0, _ = _step_counting_recomputes(routed, model)  # captures the graph
-    old = weakref.ref(routed._graphs[0][1].gm)
+    old = weakref.ref(routefx.router(routed)._graphs[0][1].gm)
     _wrap_blocks_in_checkpointing(routed)
     loss1, grads1, recomputed = _step_counting_recomputes(routed, model)
     assert recomputed == len(model.blocks)
     assert torch.allclose(loss0, loss1, atol=1e-7) and grads0.keys() == grads1.keys()
     assert all(torch.allclose(grads0[k], grads1[k], atol=1e-6) for k in grads0)
     gc.collect()
-    assert len(routed._graphs) == 1 and old() is None, "the stale graph is dropped, not kept alive"
+    assert len(routefx.router(routed)._graphs) == 1 and old() is None, "the stale graph is dropped, not kept alive"
 
 
 def test_activation_checkpointing_after_the_first_step_workaround_reapply():
@@ -211,7 +214,7 @@ def test_module_or_parameter_replaced_after_the_first_step_is_used(edit):
     fresh = routefx.apply(model, [(1, 4, 0.5)])(*dit_inputs(3))
     assert not torch.allclose(before, after), "the edit changes the output"
     assert torch.equal(after, fresh)
-    assert len(routed._graphs) == 1
+    assert len(routefx.router(routed)._graphs) == 1
 
 
 def test_changes_inside_a_leaf_or_no_change_keep_the_graph():
@@ -220,14 +223,14 @@ def test_changes_inside_a_leaf_or_no_change_keep_the_graph():
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
     routed(*dit_inputs(2))
-    rg = routed._graphs[0][1]
+    rg = routefx.router(routed)._graphs[0][1]
     model.blocks[2] = model.blocks[2]
     model.pos_embed = model.pos_embed
     torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     model.blocks[2].attn.qkv = _perturbed(model.blocks[2].attn.qkv)
     torch.manual_seed(0)
     out = routed(*dit_inputs(2))
-    assert routed._graphs == [(routed._graphs[0][0], rg)], "no recapture"
+    assert routefx.router(routed)._graphs == [(routefx.router(routed)._graphs[0][0], rg)], "no recapture"
     torch.manual_seed(0)
     assert torch.equal(out, tread_dit(model, *dit_inputs(2), [routefx.Route(1, 4, 0.5)]))
 
@@ -272,7 +275,7 @@ def test_seeded_generator_is_bit_reproducible():
     for _ in range(2):
         torch.manual_seed(7)
         routed = routefx.apply(tiny_dit(), [(1, 4, 0.5)], generator=torch.Generator().manual_seed(3))
-        outs.append((routed(*dit_inputs(4)), routed.routing[0].ids))
+        outs.append((routed(*dit_inputs(4)), routefx.router(routed).routing[0].ids))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -280,11 +283,11 @@ def test_ratio_schedule_between_steps_matches_reference():
     model = tiny_dit()
     routed = routefx.apply(model, [(1, 4, 0.5)])
     for ratio in (0.25, 0.5, 0.0, 0.75):
-        routed.set_ratio(ratio)
+        routefx.router(routed).set_ratio(ratio)
         torch.manual_seed(1)
         out = routed(*dit_inputs(2))
         torch.manual_seed(1)
         assert torch.allclose(out, tread_dit(model, *dit_inputs(2), [routefx.Route(1, 4, ratio)]), atol=1e-6)
-    assert len(routed._graphs) == 1, "a ratio change reuses the graph"
+    assert len(routefx.router(routed)._graphs) == 1, "a ratio change reuses the graph"
     with pytest.raises(routefx.RouteError, match="ratio"):
-        routed.set_ratio(1.5)
+        routefx.router(routed).set_ratio(1.5)

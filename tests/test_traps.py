@@ -80,7 +80,7 @@ def _tread_ref(model, inputs, routes, protect=0):
 def _tread_repa(model, inputs, routes):
     """RepaModel with the REPA hidden taken inside the route: routefx returns it whole, the kept
     tokens' values scattered into the route-start stream (a block output leaving a route is
-    scattered like the stream; `routed.routing[i].mask` says which tokens were bypassed)."""
+    scattered like the stream; `routefx.router(routed).routing[i].mask` says which tokens were bypassed)."""
     (s, e, r), = routes
     h, ctx = model.pre(*inputs)
     for i in range(model.depth):
