@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=None, help="resize images (default: native)")
     d.add_argument("--steps", type=int, default=2000)
     d.add_argument("--batch", type=int, default=64, help="per process")
+    d.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="micro-batches of --batch per optimizer step (gradient accumulation)")
     d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps")
     d.add_argument("--weight-decay", type=float, default=0.0)
@@ -79,10 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default=None, help="run name (default from backbone, data, routes)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto = bf16 autocast on CUDA devices that support it, else fp32")
+                   help="auto = bf16 autocast on CUDA devices that support it, else fp32; "
+                        "bf16 = bf16 autocast (also on the CPU)")
     r.add_argument("--compile-blocks", action="store_true",
                    help="torch.compile every block in place (regional compilation, for GPU speed): "
                         "one compile reused by all blocks; the routing graph stays eager")
+    r.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard per block and the root) instead of DDP; "
+                        "under torchrun; sharded DCP checkpoints")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores / processes)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
@@ -106,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          if getattr(args, flag) is not None}
     if args.routes and args.no_routes:
         raise SystemExit("routefx.train: --routes and --no-routes exclude each other")
+    if args.grad_accum < 1:
+        raise SystemExit(f"routefx.train: --grad-accum {args.grad_accum}: give the number of micro-batches "
+                         f"per step (1 = no accumulation)")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SystemExit("routefx.train: --fsdp shards the model over processes: run it under torchrun with "
+                         "2 or more processes (torchrun --nproc_per_node=2 -m routefx.train --fsdp ...); "
+                         "one process trains without it")
     if args.name is None:
         data = os.path.basename(os.path.normpath(args.data))
         kind = "dense" if args.no_routes else "tread"

@@ -1,8 +1,14 @@
 """The training loop behind `python -m routefx.train`: one `Trainer` per process (or DDP rank).
 
-Order of construction matters for TREAD under DDP: the plain backbone is built, routefx is
-applied FIRST (with a per-rank routing generator seeded `seed + rank`), and only then is the
-routed module wrapped in `DistributedDataParallel`.
+Order of construction: the plain backbone is built, routefx is applied (in place, with a
+per-rank routing generator seeded `seed + rank`), the EMA copy is taken, and only then is the
+model wrapped in `DistributedDataParallel` or, with `--fsdp`, sharded with FSDP2's
+`fully_shard` (each block, then the root). Under `--fsdp` a checkpoint is a DCP folder with the
+sharded model and optimizer (`checkpoint.dcp-<step>`), written by every rank, plus the usual
+`checkpoint.pt` (rank 0: full model and EMA weights for `sample` / `evaluate`, step, RNG and data
+state, and the folder's name), written last: a run killed in between resumes from the previous
+pair. `--grad-accum K` runs K micro-batches of `--batch` per optimizer step; their noise and
+labels are drawn for the K batches at once, so a step equals one step over the K-fold batch.
 
 Example:
     >>> from routefx.train import parse_args
@@ -11,6 +17,7 @@ Example:
 """
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +26,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from . import apply as route_apply
+from . import apply as route_apply, remove, router
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, remove_stale_temps, rng_state,
                          save_checkpoint, set_rng_state)
 from .data import Batches, load_images
@@ -40,16 +47,21 @@ class EMA:
     `decay_k = min(decay, (1 + k) / (10 + k))` so short runs are not dominated by the init."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = remove(copy.deepcopy(model)).eval().requires_grad_(False)  # (plain: not routed)
         self.decay = decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int):
+        """(Under FSDP2 the EMA stays a full copy: each sharded parameter is gathered.)"""
         d = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
+            e.lerp_(_full(p.detach()), 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+            e.copy_(_full(b))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def lr_at(step: int, base: float, warmup: int) -> float:
@@ -101,8 +113,8 @@ class Trainer:
         if args.compile_blocks:
             for name in sorted(block_candidates(self.model)):  # the repeated blocks routefx treats as leaves
                 self.model.get_submodule(name).compile()      # in place: same module, same state_dict keys
-        self.train_net = self._wrap_ddp(self.net)
         self.ema = EMA(self.model, args.ema)
+        self.train_net = self._distribute(self.net)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
                                      betas=(0.9, 0.99), weight_decay=args.weight_decay,
                                      fused=self.device.type == "cuda" or None)  # one kernel per update on GPUs
@@ -121,7 +133,15 @@ class Trainer:
             return [Route(*r).resolve(self.info.depth) for r in self.args.routes]
         return [paper_route(self.info.depth)]
 
-    def _wrap_ddp(self, net):
+    def _distribute(self, net):
+        if self.args.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for name in sorted(block_candidates(self.model)):  # the blocks routefx routes around
+                fully_shard(self.model.get_submodule(name), mesh=mesh)
+            fully_shard(self.model, mesh=mesh)  # (routed in place: the root is the model itself)
+            return net
         if self.world == 1:
             return net
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -129,12 +149,15 @@ class Trainer:
         return DDP(net, device_ids=ids)
 
     def _autocast(self):
-        want = self.args.precision
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        if want == "bf16" and not bf16:
-            raise ValueError("--precision bf16 needs a CUDA device with bf16 support; use fp32 here.")
-        if want == "bf16" or (want == "auto" and bf16):
-            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast: `--precision bf16` (CUDA with bf16 support, or the CPU), or `auto` on
+        CUDA devices that support it; fp32 otherwise."""
+        want, kind = self.args.precision, self.device.type
+        cuda_bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+        if want == "bf16" and kind == "cuda" and not cuda_bf16:
+            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bf16 support; "
+                             f"use --precision fp32.")
+        if want == "bf16" or (want == "auto" and cuda_bf16):
+            return lambda: torch.autocast(kind, dtype=torch.bfloat16)
         return contextlib.nullcontext
 
     # -- one step ------------------------------------------------------------------------
@@ -147,23 +170,33 @@ class Trainer:
 
     def loss_of(self, x0, y):
         """The training loss of one batch (the forward runs routed when routes are set)."""
-        batch = self.objective.noisy(x0)
+        return self._loss(self.objective.noisy(x0), self._labels(y))
+
+    def _loss(self, batch, y):
         with self.autocast():
-            out = self.train_net(batch.x_in, batch.t_in, self._labels(y))[:, :self.shape[0]]
+            out = self.train_net(batch.x_in, batch.t_in, y)[:, :self.shape[0]]
         out = out.float()
         if self.args.loss == "plain":
             return plain_loss(out, batch.target, batch.weight)
-        infos = self.net.routing if self.routes else []
+        infos = router(self.net).routing if self.routes else []
         mae = standardize_patches(batch.x_noisy, self.info.patch_size) if self.args.mae_lambda else None
         return masked_route_loss(out, batch.target, infos, self.info.patch_size, weight=batch.weight,
                                  mae_target=mae, mae_lambda=self.args.mae_lambda)
 
     def train_step(self) -> float:
         self.model.train()
-        x0, y = next(self.batches)
-        loss = self.loss_of(x0.to(self.device), y.to(self.device))
+        k = self.args.grad_accum
+        data = [next(self.batches) for _ in range(k)]
+        x0 = torch.cat([x for x, _ in data]).to(self.device)
+        batch, y = self.objective.noisy(x0), self._labels(torch.cat([y for _, y in data]).to(self.device))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for i, part in enumerate(_split(batch, k)):
+            sync = i == k - 1 or self.world == 1 or self.args.fsdp
+            with contextlib.nullcontext() if sync else self.train_net.no_sync():  # DDP: one all-reduce
+                micro = self._loss(part, y.chunk(k)[i]) / k
+                micro.backward()
+            loss = loss + micro.detach()
         if self.args.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
         for group in self.opt.param_groups:
@@ -185,8 +218,14 @@ class Trainer:
             dist.all_gather_object(rngs, mine)
         else:
             rngs = [mine]
-        return {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "step": self.step, "rng": rngs,
+        if self.args.fsdp:  # full weights on rank 0 (for sample / evaluate); the optimizer is in the DCP folder
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            model = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            optimizer = {}
+        else:
+            model, optimizer = self.model.state_dict(), self.opt.state_dict()
+        return {"model": model, "ema": self.ema.model.state_dict(),
+                "optimizer": optimizer, "step": self.step, "rng": rngs,
                 "data": self.batches.state_dict(), "world_size": self.world,
                 "routes": [list(vars(r).values()) for r in self.routes],
                 "config": self.config, "objective": self.args.objective,
@@ -195,12 +234,25 @@ class Trainer:
     def save(self, path: str):
         """Every rank calls this (RNG states are gathered); rank 0 writes the file atomically."""
         state = self.state()
+        if self.args.fsdp:  # every rank writes its shards, then rank 0 the file that points to them
+            import torch.distributed.checkpoint as dcp
+            folder = f"{os.path.splitext(path)[0]}.dcp-{self.step:07d}"
+            dcp.save(self._sharded(), checkpoint_id=folder)
+            state["dcp"] = os.path.basename(folder)
         if self.main:
             if not self._temps_checked:
                 self._remove_stale_temps(os.path.dirname(os.path.abspath(path)), "")
             save_checkpoint(path, state)
+            if self.args.fsdp:
+                _remove_old_dcp(path, state["dcp"])
         if self.world > 1:
             dist.barrier()
+
+    def _sharded(self) -> dict:
+        """The sharded model and optimizer state (DCP's format), for `--fsdp` checkpoints."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.model, self.opt)
+        return {"model": model, "optim": optim}
 
     def load(self, path: str):
         """Restore a checkpoint written by `save`; the file is never modified.
@@ -219,12 +271,24 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with --objective {ck.get('objective')}, "
                                   f"this run uses {self.args.objective}: pass the same objective. "
                                   f"The file was left untouched.")
-        load_weights(self.model, ck["model"], path)
+        if bool(ck.get("dcp")) != bool(self.args.fsdp):
+            raise CheckpointError(f"checkpoint {path} was written {'with' if ck.get('dcp') else 'without'} --fsdp "
+                                  f"and this run is {'with' if self.args.fsdp else 'without'} it: resume with the "
+                                  f"same setting (its optimizer state is stored differently). The file was left "
+                                  f"untouched.")
         load_weights(self.ema.model, ck["ema"], path, "EMA")
-        try:
-            self.opt.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from e
+        if ck.get("dcp"):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            sharded = self._sharded()
+            dcp.load(sharded, checkpoint_id=os.path.join(os.path.dirname(os.path.abspath(path)), ck["dcp"]))
+            set_state_dict(self.model, self.opt, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+        else:
+            load_weights(self.model, ck["model"], path)
+            try:
+                self.opt.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from e
         self.step, saved = int(ck["step"]), [Route(*r) for r in ck.get("routes", [])]
         if saved != self.routes and self.main:
             print(f"[routefx.train] note: checkpoint routes {saved} differ from this run's {self.routes}; "
@@ -268,12 +332,28 @@ class Trainer:
         """Per-rank JSON: parameter digest and last routing indices (for the DDP smoke test)."""
         h = hashlib.sha256()
         for p in self.model.parameters():
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        ids = [i.ids.tolist() if i.ids is not None else None for i in self.net.routing] if self.routes else []
+            h.update(_full(p.detach()).cpu().contiguous().numpy().tobytes())
+        ids = [i.ids.tolist() if i.ids is not None else None for i in router(self.net).routing] if self.routes else []
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rank{self.rank}.json"), "w") as f:
             json.dump({"rank": self.rank, "world": self.world, "step": self.step, "params_sha256": h.hexdigest(),
                        "routing_ids": ids, "routing_seed": self.args.seed + self.rank}, f)
+
+
+def _remove_old_dcp(path: str, keep: str) -> None:
+    """Delete the DCP folders of earlier `--fsdp` checkpoints (the file now points to `keep`)."""
+    import shutil
+    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.splitext(path)[0]) + ".dcp-"
+    for name in os.listdir(folder):
+        if name.startswith(stem) and name != keep:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _split(batch, k: int) -> list:
+    """The K micro-batches of a noisy batch (a dataclass of batch-first tensors)."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    parts = {n: [None] * k if v is None else v.chunk(k) for n, v in fields.items()}
+    return [type(batch)(**{n: v[i] for n, v in parts.items()}) for i in range(k)]
 
 
 def _jsonable(v) -> bool:

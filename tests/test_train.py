@@ -4,6 +4,7 @@ Runs are tiny (sklearn digits, 8x8, a DiT of width 32) so the file stays well un
 CPU cores; the torchrun test dominates (process-group start-up).
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -193,7 +194,7 @@ def test_routing_guidance_matches_two_call_formula():
                 weak = routed(x, tt, y)
             x = x + (t_next - t) * (weak + 1.5 * (strong - weak))
     assert torch.allclose(got, x, atol=1e-6)
-    assert not torch.allclose(got, sample(routed.module, rf, y, (1, 8, 8), steps=2, noise=noise.clone()))
+    assert not torch.allclose(got, sample(routed, rf, y, (1, 8, 8), steps=2, noise=noise.clone()))
 
 
 # -- signals and DDP (subprocesses) ----------------------------------------------------------------
@@ -259,3 +260,64 @@ def test_compile_blocks_trains_like_eager(tmp_path):
     assert list(ca["model"]) == list(cb["model"])
     for k in ca["model"]:
         assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+# -- issue 14: gradient accumulation, bf16 on the CPU, FSDP2 --------------------------------------
+def test_grad_accum_2_equals_one_step_over_the_double_batch(tmp_path):
+    """`--batch 8 --grad-accum 2` (two micro-batches of 8) and `--batch 16`: the same samples,
+    noise, labels and tokens, so the same loss and weights after a step (float rounding aside)."""
+    a, b = tmp_path / "accum", tmp_path / "double"
+    assert train(a, "--steps", "2", "--sample-every", "0", "--batch", "8", "--grad-accum", "2") == 0
+    assert train(b, "--steps", "2", "--sample-every", "0", "--batch", "16") == 0
+    la, lb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    for x, y in zip(la, lb):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"]), (la, lb)
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    for k in ca["model"]:
+        assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-5, rtol=1e-4), k
+    with pytest.raises(SystemExit, match="--grad-accum 0"):
+        train(tmp_path / "bad", "--grad-accum", "0")
+
+
+def test_bf16_on_the_cpu_trains(tmp_path):
+    """`--precision bf16` is bf16 autocast on the CPU too: it trains (finite, different from fp32)."""
+    assert train(tmp_path / "bf16", "--steps", "2", "--sample-every", "0", "--precision", "bf16") == 0
+    assert train(tmp_path / "fp32", "--steps", "2", "--sample-every", "0", "--precision", "fp32") == 0
+    lo, hi = read_metrics(tmp_path / "bf16" / "metrics.jsonl"), read_metrics(tmp_path / "fp32" / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in lo) and [r["loss"] for r in lo] != [r["loss"] for r in hi]
+    assert abs(lo[0]["loss"] - hi[0]["loss"]) < 0.05 * hi[0]["loss"]
+
+
+def _torchrun_train(out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "routefx.train", *TINY, "--sample-every", "0", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_fsdp_resume_is_bit_exact(tmp_path):
+    """`--fsdp` under torchrun (2 ranks): sharded DCP checkpoints; a run stopped at step 2 and
+    resumed logs the same losses, bit for bit, as an uninterrupted 4-step run, and ends with the
+    same weights; the checkpoint's full weights load into the plain backbone; only the newest
+    DCP folder is kept. Without torchrun, and resuming a DDP checkpoint with --fsdp, are refused."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _torchrun_train(whole, "--fsdp", "--steps", "4", "--grad-accum", "2", "--debug-json")
+    _torchrun_train(part, "--fsdp", "--steps", "2", "--grad-accum", "2", "--ckpt-every", "1")
+    assert sorted(p.name for p in part.iterdir() if ".dcp-" in p.name) == ["checkpoint.dcp-0000002"]
+    _torchrun_train(part, "--fsdp", "--steps", "4", "--grad-accum", "2", "--resume", "--debug-json")
+    a, b = read_metrics(whole / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    da, db = (json.loads((d / "debug" / "rank0.json").read_text()) for d in (whole, part))
+    assert da["params_sha256"] == db["params_sha256"] and da["routing_ids"] == db["routing_ids"]
+    ck = load_checkpoint(whole / "checkpoint.pt")
+    build(ck["config"]).load_state_dict(ck["model"])  # strict: the plain backbone's keys
+    with pytest.raises(SystemExit, match="torchrun"):
+        train(tmp_path / "one", "--fsdp")
+    ddp = tmp_path / "ddp"
+    _torchrun_train(ddp, "--steps", "1")
+    cmd_out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "routefx.train", *TINY, "--sample-every", "0", "--out", str(ddp), "--fsdp",
+                              "--steps", "2", "--resume"], env=_env(), capture_output=True, text=True, timeout=300,
+                             cwd=ROOT)
+    assert cmd_out.returncode != 0 and "written without --fsdp" in cmd_out.stdout + cmd_out.stderr
