@@ -173,7 +173,7 @@ def sample(net, objective, labels, shape, steps=50, sampler="euler", guidance=No
     """Integrate the probability-flow ODE from noise to images.
 
     Args:
-        net: `net(x, t, y)` (a backbone, or a `RoutedModule` for routing guidance).
+        net: `net(x, t, y)` (a backbone, routed by `routefx.apply` for routing guidance).
         objective: a `RectifiedFlow` or `EDM`.
         labels: (B,) long class labels (device of the result).
         shape: (C, H, W) of one image.

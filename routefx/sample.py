@@ -25,7 +25,7 @@ __all__ = ["main", "load_for_sampling", "draw"]
 
 def load_for_sampling(path: str, ema: bool = True, device="cpu", routed: bool = False, generator=None):
     """(net, checkpoint, info): the checkpoint's EMA (or raw) weights in the plain backbone,
-    eval mode; with `routed=True` wrapped by `routefx.apply` with its routes (for routing guidance)."""
+    eval mode; with `routed=True` routed in place by `routefx.apply` with its routes (for routing guidance)."""
     ck = load_checkpoint(path)
     model = build(ck["config"])
     load_weights(model, ck["ema" if ema else "model"], path, "EMA" if ema else "model")
