@@ -467,12 +467,11 @@ def _as_router(f):
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply` on `model` (in place; anything not routed is left as it is); returns it."""
     r = _as_router(model.__dict__.get("forward")) if isinstance(model, nn.Module) else None
-    if not isinstance(r, Router) and isinstance(model, nn.Module) \
-            and isinstance(model.__dict__.get("_original_forward"), Router):
+    if r is None and isinstance(model, nn.Module) and _as_router(model.__dict__.get("_original_forward")):
         raise RouteError("routefx.remove: model.forward was wrapped after routefx.apply (accelerate's mixed "
                          "precision does this in prepare); unwrap it first: "
                          "model = accelerator.unwrap_model(model, keep_fp32_wrapper=False), then remove.")
-    if isinstance(r, Router):
+    if r is not None:
         del model.__dict__["forward"]
         if r.previous is not None:
             model.__dict__["forward"] = r.previous

@@ -34,13 +34,15 @@ for scans and random forwards.
 """
 import logging
 
+import networkx as nx
 import torch
 import torch.nn as nn
 
 from ._tree import flatten
 from .errors import INSPECT_HINT, RouteError
-from .ops import scatter_joined, scatter_tokens
+from .ops import _token_index, scatter_joined, scatter_tokens
 from .passes.fake_run import not_real, own_forward, state_kept
+from .passes.find_blocks import dataflow_graph
 from .passes.streams import declarable
 
 __all__ = ["check_routes"]
@@ -100,7 +102,8 @@ def bypass_check(model, rg, tensors, control) -> None:
     route end and the tensor on a violation."""
     graph = rg.gm.graph
     sels = {n.meta["routefx"]["selector"]: n for n in graph.nodes if "selector" in n.meta.get("routefx", {})}
-    after = {i: _downstream(sel) for i, sel in sels.items()}
+    g = dataflow_graph(graph)
+    after = {i: nx.descendants(g, sel) for i, sel in sels.items()}
     ends = [n for n in graph.nodes if n.op == "call_function" and n.target in _SCATTERS]
     for n in ends:
         i, base, kept = n.meta["routefx"]["route"], n.args[0], n.args[2]
@@ -126,16 +129,6 @@ def bypass_check(model, rg, tensors, control) -> None:
 
 _REPORT = ("This is a bug in routefx, not in your model: please report it with the output of "
            "`python -m routefx.inspect`; apply(..., verify=False) skips this check.")
-
-
-def _downstream(node):
-    seen, todo = set(), [node]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
 
 
 def _bug(rg, i, node, what):
@@ -172,8 +165,7 @@ class _EndsChecked(torch.fx.Interpreter):
         if not torch.equal(mine[bypassed], start[bypassed]):
             raise RouteError(_bug(self.rg, i, n, "the bypassed tokens' values after it differ from the values their "
                                   "stream had at the route start (changed in place in between?)"))
-        index = ids.view(*ids.shape, *(1,) * (mine.dim() - 2)).expand(*ids.shape, *mine.shape[2:])
-        if not torch.equal(mine.gather(1, index), kept[:, p: kept.shape[1] - s]):
+        if not torch.equal(mine.gather(1, _token_index(ids, mine)), kept[:, p: kept.shape[1] - s]):
             raise RouteError(_bug(self.rg, i, n, "the kept tokens' values after it are not the route's own"))
 
 
@@ -237,8 +229,7 @@ def _unshuffle(value, ids):
     t = _first(value)
     if ids is None or not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[:2] != ids.shape:
         return t
-    index = ids.view(*ids.shape, *(1,) * (t.dim() - 2)).expand_as(t)
-    return torch.empty_like(t).scatter_(1, index, t)
+    return torch.empty_like(t).scatter_(1, _token_index(ids, t), t)
 
 
 def _block_outputs(model, rg, args, kwargs):
